@@ -1,0 +1,38 @@
+"""stdout for results, stderr for logs, progress, warnings and errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+out = Console(soft_wrap=True, highlight=False)  # results: resolved recipes, tables, JSON
+err = Console(stderr=True, soft_wrap=True, highlight=False)  # everything else
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("SMPO_DEBUG", "").strip() not in ("", "0", "false", "False")
+
+
+def setup_logging(level: int) -> None:
+    from smpo_cli.utils.logging import configure
+
+    handler = RichHandler(console=err, show_time=False, show_path=False, markup=False, rich_tracebacks=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    configure(level, handler)
+
+
+def print_error(message: str, hint: str | None = None, *, debug_tip: bool = True) -> None:
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    if hint:
+        err.print(f"[yellow]hint:[/] {hint}", markup=True, highlight=False)
+    if debug_tip and not debug_enabled():
+        err.print("[dim](set SMPO_DEBUG=1 for the full traceback)[/]", markup=True)
+
+
+def print_traceback() -> None:
+    sys.stderr.write(traceback.format_exc())

@@ -1,0 +1,122 @@
+"""``smpo``: the root command. Imports no torch, so ``smpo --help`` is instant.
+
+``main()`` maps outcomes to exit codes: 0 success, 1 runtime error (one line + hint), 2 usage or
+recipe error, 130 interrupted. ``SMPO_DEBUG=1`` shows full tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from smpo_cli import __version__
+from smpo_cli.cli import env as env_cmd
+from smpo_cli.cli import recipe as recipe_cmd
+from smpo_cli.cli import selftest as selftest_cmd
+from smpo_cli.cli._console import debug_enabled, err, print_error, print_traceback, setup_logging
+from smpo_cli.errors import SmpoError
+
+app = typer.Typer(
+    name="smpo",
+    help="Align Stable Diffusion 1.5 / SDXL with human preferences: SmPO-Diffusion (Lu et al., ICML 2025, "
+    "arXiv 2506.02698), with Diffusion-DPO and SFT as baselines.\n\n"
+    "Each stage reads a YAML recipe (a file or a bundled name) plus KEY=VALUE overrides.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+    add_completion=False,
+    epilog="Examples:\n\n"
+    "  smpo selftest                      # check the install on the embedded tiny models\n\n"
+    "  smpo recipe ls                     # bundled recipes\n\n"
+    "  smpo recipe validate sdxl_smpo train.max_steps=10\n\n"
+    "  smpo env                           # versions and GPUs, for bug reports",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"smpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More logging (-vv: debug, libraries too).")
+    ] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only; no progress bars.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Set verbosity for every subcommand (SMPO_LOG_LEVEL sets the default level)."""
+    from smpo_cli.utils.logging import env_log_level
+    from smpo_cli.utils.progress import set_progress_enabled
+
+    if quiet:
+        level = logging.WARNING
+    elif verbose:
+        level = logging.DEBUG
+    else:
+        level = env_log_level(logging.INFO)
+    setup_logging(level)
+    set_progress_enabled(not quiet)
+
+
+app.add_typer(recipe_cmd.app, name="recipe")
+app.command(name="env", epilog=env_cmd.EPILOG)(env_cmd.env)
+app.command(name="selftest", epilog=selftest_cmd.EPILOG)(selftest_cmd.selftest)
+
+
+def _usage_exception(exc: BaseException) -> bool:
+    """Typer's own usage errors (bad flag, missing argument) carry ``exit_code`` and ``show``."""
+    return isinstance(getattr(exc, "exit_code", None), int) and callable(getattr(exc, "show", None))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code (``main`` exits with it; tests call this)."""
+    try:
+        rv = app(args=argv, prog_name="smpo", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except typer.Abort as exc:  # Ctrl-C: typer turns KeyboardInterrupt into Abort
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            err.print("interrupted", style="yellow")
+            return 130
+        err.print("aborted", style="yellow")
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted", style="yellow")
+        return 130
+    except SmpoError as exc:
+        if debug_enabled():
+            print_traceback()
+        problems = getattr(exc, "problems", [])
+        print_error(exc.message, exc.hint, debug_tip=exc.exit_code == 1)
+        for problem in problems:
+            err.print(f"  {problem}", highlight=False, markup=False)
+        return exc.exit_code
+    except Exception as exc:
+        if _usage_exception(exc):
+            exc.show()  # type: ignore[attr-defined]
+            return int(exc.exit_code)  # type: ignore[attr-defined]
+        if debug_enabled():
+            raise
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        print_error(
+            f"{type(exc).__name__}: {first_line}",
+            "this is unexpected: rerun with SMPO_DEBUG=1 and report the traceback together with `smpo env`",
+            debug_tip=False,
+        )
+        return 1
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

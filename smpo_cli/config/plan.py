@@ -1,0 +1,88 @@
+"""What a run would do, for ``--dry-run`` and ``smpo recipe validate``: no torch, no weights.
+
+Each line is (level, text); level "warn" marks inputs that do not exist yet, which the real run
+would refuse. Nothing here downloads or imports a framework.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+TINY_NAMES = ("tiny-sd15", "tiny-sdxl")
+
+
+def describe_model_ref(ref: str) -> tuple[str, str]:
+    """Classify a model reference without loading it: (level, description)."""
+    if ref in TINY_NAMES:
+        return "ok", "embedded tiny model (built locally on first use)"
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return "ok", "local folder"
+    if path.is_file():
+        return "ok", "single-file checkpoint"
+    looks_local = ref.startswith(("/", "./", "../", "~")) or path.suffix in (".safetensors", ".ckpt", ".pt") or ref.count("/") != 1
+    if looks_local:
+        return "warn", "local path that does not exist yet"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model_index.json", "config.json"):
+            cached = try_to_load_from_cache(ref, filename)
+            if isinstance(cached, str):
+                return "ok", "hub id, in the local Hugging Face cache"
+    except Exception:  # noqa: BLE001 - a cache probe must never break a dry run
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline:
+        return "warn", "hub id, not in the local cache and HF_HUB_OFFLINE is set"
+    return "ok", "hub id (downloaded on first use if not cached)"
+
+
+def describe_local_input(ref: str) -> tuple[str, str]:
+    path = Path(ref).expanduser()
+    if path.exists():
+        return "ok", "exists"
+    return "warn", "does not exist yet"
+
+
+def _model_lines(model: BaseModel, prefix: str) -> list[tuple[str, str]]:
+    lines = []
+    for key in ("pretrained", "unet", "vae", "config"):
+        ref = getattr(model, key, None)
+        if ref:
+            level, what = describe_model_ref(ref)
+            lines.append((level, f"{prefix}.{key} = {ref}: {what}"))
+    return lines
+
+
+def plan_lines(recipe: BaseModel) -> list[tuple[str, str]]:
+    """Human-readable plan of a validated recipe."""
+    data: Any = recipe
+    lines: list[tuple[str, str]] = [("ok", f"stage: {data.stage}")]
+    out = Path(data.output_dir)
+    if out.exists() and any(out.iterdir()):
+        lines.append(("warn", f"output_dir = {out}: not empty (needs --overwrite or a resume)"))
+    else:
+        lines.append(("ok", f"output_dir = {out}"))
+    if hasattr(data, "model"):
+        lines.extend(_model_lines(data.model, "model"))
+    if hasattr(data, "data") and getattr(data.data, "path", None):
+        level, what = describe_local_input(data.data.path)
+        lines.append((level, f"data.path = {data.data.path}: {what}"))
+    if data.stage == "train":
+        t, o = data.train, data.optim
+        per_process = t.batch_size * t.grad_accum_steps
+        lines.append(("ok", f"method: {data.method.name}, inversion: {data.inversion.source}"))
+        lines.append(
+            ("ok", f"pairs per optimiser step per process: {per_process} (x number of processes)")
+        )
+        lr = f"{o.lr:g} x {per_process} x processes" if o.scale_lr else f"{o.lr:g}"
+        lines.append(("ok", f"optimiser: {o.name}, lr {lr}, {t.max_steps} steps, {t.mixed_precision} precision"))
+        if data.inversion.source == "cache" and data.inversion.cache_path:
+            level, what = describe_local_input(data.inversion.cache_path)
+            lines.append((level, f"inversion.cache_path = {data.inversion.cache_path}: {what}"))
+    return lines

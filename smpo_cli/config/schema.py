@@ -1,0 +1,204 @@
+"""Recipe schemas: one pydantic root model per stage, built from shared blocks.
+
+Every model forbids unknown keys and is frozen once validated. Field descriptions are the
+documentation users see in ``smpo recipe show`` and in the bundled recipes' comments, so they
+name units and trade-offs. Cross-field checks raise messages spelled the way users override
+them (``train.grad_accum_steps must be >= 1``).
+
+Nothing here imports torch: ``--dry-run`` validates recipes without loading any framework.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Block(BaseModel):
+    """Base of every recipe block: unknown keys are errors, validated values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ----------------------------------------------------------------------------- shared blocks
+class ModelSpec(Block):
+    """The diffusion model a stage loads."""
+
+    pretrained: str = Field(
+        description="Local diffusers folder, single-file .safetensors, hub id, or an embedded tiny "
+        "model (tiny-sd15, tiny-sdxl)."
+    )
+    family: Literal["auto", "sd15", "sdxl"] = Field(
+        "auto", description="Model family; auto detects it from the files."
+    )
+    vae: str | None = Field(
+        None, description="Separate VAE (folder, file or hub id), e.g. madebyollin/sdxl-vae-fp16-fix."
+    )
+    unet: str | None = Field(None, description="Separate UNet to start from (folder, file or hub id).")
+    config: str | None = Field(
+        None, description="Architecture for a single-file checkpoint (diffusers folder or hub id)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    variant: str | None = Field(None, description="Weight variant on the hub, e.g. fp16.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Dtype of the frozen parts (VAE, text encoders, reference UNet)."
+    )
+
+
+class LoggingSpec(Block):
+    """What a run reports and where."""
+
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="metrics.jsonl is always written; tensorboard/wandb go through accelerate trackers.",
+    )
+    log_every_steps: PositiveInt = Field(1, description="Write metrics every N optimiser steps.")
+    progress: bool = Field(True, description="Show a progress bar (off automatically when not a TTY).")
+
+
+# ----------------------------------------------------------------------------- train stage
+class TrainDataSpec(Block):
+    """Scored preference pairs (the output of ``smpo score``)."""
+
+    path: str = Field(description="Scored dataset folder (parquet shards written by smpo score).")
+    split: str | None = Field(None, description="Split to read when the folder holds several.")
+    reward: str = Field("pickscore", description="Which reward model's scores and p to train on.")
+    resolution: PositiveInt = Field(512, description="Training resolution in pixels (square).")
+    random_crop: bool = Field(False, description="Random instead of centre crop to resolution.")
+    random_flip: bool = Field(False, description="Horizontal flip with probability 0.5 (both images).")
+    empty_prompt_prob: Probability = Field(
+        0.2, description="Fraction of prompts replaced by '' (keeps classifier-free guidance working)."
+    )
+    drop_ties: bool = Field(True, description="Drop pairs whose human label is a tie (label_0 = 0.5).")
+    max_pairs: PositiveInt | None = Field(None, description="Use at most this many pairs (debugging).")
+    num_workers: NonNegInt = Field(2, description="DataLoader worker processes.")
+
+
+class MethodSpec(Block):
+    """The objective."""
+
+    name: Literal["smpo", "dpo", "sft"] = Field(
+        "smpo", description="smpo (smoothed DPO on inverted latents) | dpo (Diffusion-DPO) | sft."
+    )
+    beta: float = Field(
+        5000.0, gt=0, description="KL strength (Diffusion-DPO beta); higher stays closer to the reference."
+    )
+    gamma: float = Field(
+        10.0, gt=0, description="SmPO smoothing scale g: the loss coefficient is beta*g*(2p-1)."
+    )
+    binary_labels: bool = Field(
+        False, description="Ablation: use p in {0,1} from the reward winner instead of the smoothed p."
+    )
+
+
+class InversionSpec(Block):
+    """How x_t is obtained: model inversion (SmPO) or random noise (Diffusion-DPO)."""
+
+    source: Literal["online", "cache", "none"] = Field(
+        "online",
+        description="online: ReNoise inversion inside each step | cache: from smpo invert | none: random noise.",
+    )
+    model: Literal["reference", "policy"] = Field(
+        "reference", description="Which UNet inverts online (the official code uses the policy)."
+    )
+    num_steps: PositiveInt = Field(10, description="DDIM inversion grid steps over [0, 1000).")
+    renoise_iterations: NonNegInt = Field(1, description="ReNoise fixed-point iterations per inverse step.")
+    average_window: PositiveInt = Field(
+        2, description="Average the last N noise predictions of each inverse step."
+    )
+    timestep_mode: Literal["exact", "grid", "official"] = Field(
+        "exact",
+        description="exact: invert to the sampled t | grid: sample t on the inversion grid | "
+        "official: reproduce the official code's level mismatch (ablation only).",
+    )
+    cache_path: str | None = Field(None, description="Inversion cache folder when source=cache.")
+
+    @model_validator(mode="after")
+    def _cache_needs_path(self) -> InversionSpec:
+        if self.source == "cache" and not self.cache_path:
+            raise ValueError("inversion.cache_path must be set when inversion.source=cache")
+        if self.average_window > self.renoise_iterations + 1:
+            raise ValueError(
+                "inversion.average_window must be <= inversion.renoise_iterations + 1 "
+                "(there are only that many noise predictions per step)"
+            )
+        return self
+
+
+class OptimSpec(Block):
+    """Optimiser and learning-rate schedule."""
+
+    name: Literal["adamw", "adafactor", "adamw8bit"] = Field("adamw", description="Optimiser.")
+    lr: float = Field(1e-8, gt=0, description="Learning rate (per pair when scale_lr is true).")
+    scale_lr: bool = Field(
+        True, description="Multiply lr by batch_size * grad_accum_steps * processes (as the paper)."
+    )
+    weight_decay: float = Field(1e-2, ge=0)
+    adam_beta1: float = Field(0.9, gt=0, lt=1)
+    adam_beta2: float = Field(0.999, gt=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant_with_warmup"
+    )
+    warmup_steps: NonNegInt = Field(0, description="Linear warm-up in optimiser steps.")
+
+
+class TrainLoopSpec(Block):
+    """Batching, precision, checkpoints."""
+
+    batch_size: PositiveInt = Field(1, description="Pairs per device per micro-batch.")
+    grad_accum_steps: PositiveInt = Field(
+        1, description="Effective batch = batch_size * grad_accum_steps * processes."
+    )
+    max_steps: PositiveInt = Field(description="Optimiser steps.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (SDXL).")
+    lora_rank: PositiveInt | None = Field(
+        None, description="Train LoRA adapters of this rank instead of the full UNet (null = full)."
+    )
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; defaults to lora_rank.")
+    checkpoint_every_steps: PositiveInt | None = Field(
+        None, description="Save a resumable checkpoint every N steps (null: only at the end)."
+    )
+    keep_checkpoints: PositiveInt = Field(2, description="Keep the newest N checkpoints.")
+    resume: str | None = Field(None, description="null | auto (newest checkpoint in output_dir) | a path.")
+    max_nonfinite_steps: NonNegInt = Field(
+        10, description="Stop after this many skipped steps with a non-finite loss."
+    )
+
+
+class TrainRecipe(Block):
+    """``smpo train``: SmPO, Diffusion-DPO or SFT on scored preference pairs."""
+
+    stage: Literal["train"] = "train"
+    schema_version: int = SCHEMA_VERSION
+    seed: int = Field(0, description="Seed for data order, noise, timesteps and empty prompts.")
+    output_dir: str = Field(description="Run folder; refused if non-empty unless resuming or --overwrite.")
+    model: ModelSpec
+    data: TrainDataSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    inversion: InversionSpec = Field(default_factory=InversionSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    train: TrainLoopSpec
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainRecipe:
+        if self.method.name == "sft" and self.inversion.source != "none":
+            raise ValueError("method.name=sft trains on the winner with random noise: set inversion.source=none")
+        if self.train.lora_alpha is not None and self.train.lora_rank is None:
+            raise ValueError("train.lora_alpha is set but train.lora_rank is null (full fine-tuning)")
+        return self
+
+
+# ----------------------------------------------------------------------------- registry
+Recipe = TrainRecipe
+STAGE_SCHEMAS: dict[str, type[Block]] = {"train": TrainRecipe}
