@@ -81,6 +81,8 @@ def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (``main`` exits with it; tests call this)."""
     try:
         rv = app(args=argv, prog_name="smpo", standalone_mode=False)
+        if rv == 130:  # typer turns Ctrl-C inside a command into Exit(130), silently
+            err.print("interrupted", style="yellow")
         return rv if isinstance(rv, int) else 0
     except typer.Abort as exc:  # Ctrl-C: typer turns KeyboardInterrupt into Abort
         if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
