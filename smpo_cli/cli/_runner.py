@@ -45,7 +45,7 @@ def run_stage(
         print_plan(plan_lines(loaded.recipe))
         return None
     rundir = RunDir(loaded.recipe.output_dir)
-    rundir.prepare(overwrite=overwrite, resume=resume(loaded.recipe))
+    rundir.prepare(overwrite=overwrite, resume=not overwrite and resume(loaded.recipe))
     rundir.write_recipe(resolved)
     rundir.start(stage=stage, recipe_source=loaded.source)
     try:

@@ -15,6 +15,7 @@ import typer
 from smpo_cli import __version__
 from smpo_cli.cli import env as env_cmd
 from smpo_cli.cli import recipe as recipe_cmd
+from smpo_cli.cli import score as score_cmd
 from smpo_cli.cli import selftest as selftest_cmd
 from smpo_cli.cli._console import debug_enabled, err, print_error, print_traceback, setup_logging
 from smpo_cli.errors import SmpoError
@@ -67,6 +68,7 @@ def root(
     set_progress_enabled(not quiet)
 
 
+app.command(name="score", epilog=score_cmd.EPILOG)(score_cmd.score)
 app.add_typer(recipe_cmd.app, name="recipe")
 app.command(name="env", epilog=env_cmd.EPILOG)(env_cmd.env)
 app.command(name="selftest", epilog=selftest_cmd.EPILOG)(selftest_cmd.selftest)

@@ -168,12 +168,26 @@ def unknown_key_problems(data: Any, model: type[BaseModel], prefix: str = "") ->
     return problems
 
 
+def free_form_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted keys of dict-typed fields, whose sub-keys are free (e.g. reward.options)."""
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        sub = _block_type(field.annotation)
+        if sub is not None:
+            keys.extend(free_form_keys(sub, dotted + "."))
+        elif typing.get_origin(field.annotation) is dict:
+            keys.append(dotted)
+    return keys
+
+
 def check_override_keys(overrides: list[Override], model: type[BaseModel]) -> list[str]:
     known = set(schema_keys(model))
+    free = tuple(k + "." for k in free_form_keys(model))
     all_keys = sorted(known)
     problems = []
     for ov in overrides:
-        if ov.key not in known:
+        if ov.key not in known and not ov.key.startswith(free):
             hint = suggest(ov.key, all_keys)
             problems.append(f"{ov.token}: unknown key {ov.key}" + (f" (did you mean {hint}?)" if hint else ""))
     return problems

@@ -199,6 +199,86 @@ class TrainRecipe(Block):
         return self
 
 
+# ----------------------------------------------------------------------------- score stage
+REWARD_NAMES = ("pickscore", "hpsv2", "imagereward", "aesthetic", "clip")
+
+
+class ScoreDataSpec(Block):
+    """Preference pairs to score."""
+
+    path: str = Field(
+        description="HF save_to_disk folder, parquet file/folder/glob (Pick-a-Pic v2, or an earlier smpo score "
+        "output), or a JSONL/CSV pairs file."
+    )
+    split: str | None = Field(None, description="Split of a multi-split folder (e.g. train).")
+    layout: Literal["auto", "pickapic", "pairs"] = Field(
+        "auto", description="pickapic: jpg_0, jpg_1, caption, label_0 | pairs: image_0, image_1, prompt, label."
+    )
+    image_0_column: str | None = Field(None, description="Override the first image column.")
+    image_1_column: str | None = Field(None, description="Override the second image column.")
+    prompt_column: str | None = Field(None, description="Override the prompt column.")
+    label_column: str | None = Field(None, description="Override the human label column (label_0 semantics).")
+    limit: PositiveInt | None = Field(None, description="Score only the first N rows.")
+    drop_ties: bool = Field(True, description="Drop pairs whose human label is a tie (0.5).")
+    max_image_pixels: PositiveInt = Field(
+        50_000_000, description="Refuse (skip the pair of) images larger than this many pixels."
+    )
+    rows_per_shard: PositiveInt = Field(
+        1000, description="Rows per output shard: the unit of resumption and of multi-process splitting."
+    )
+    num_workers: NonNegInt = Field(2, description="Image-decoding worker processes (0 decodes in the main process).")
+
+
+class RewardSpec(Block):
+    """The reward model and how its scores become the smoothed preference p."""
+
+    name: Literal["pickscore", "hpsv2", "imagereward", "aesthetic", "clip"] = Field(
+        "pickscore", description="Reward model (registry name)."
+    )
+    path: str | None = Field(None, description="Local folder/file or hub id; null = the model's official weights.")
+    options: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="Model-specific options (e.g. hpsv2: {version: v2.1})."
+    )
+    output: str | None = Field(
+        None, description="Which score defines the winner and p; null = cosine for pickscore, else the model default."
+    )
+    batch_size: PositiveInt = Field(16, description="Pairs per forward batch.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float32 on CPU, float16 on CUDA."
+    )
+    normalization: Literal["auto", "fixed", "dataset"] = Field(
+        "auto",
+        description="fixed: r_min/r_max below | dataset: min/max of this dataset's scores (a second pass) | "
+        "auto: fixed when r_min/r_max are known (PickScore cosine: the official constants), else dataset.",
+    )
+    r_min: float | None = Field(None, description="Min of the raw reward for normalisation.")
+    r_max: float | None = Field(None, description="Max of the raw reward for normalisation.")
+
+    @model_validator(mode="after")
+    def _range(self) -> RewardSpec:
+        if (self.r_min is None) != (self.r_max is None):
+            raise ValueError("reward.r_min and reward.r_max must be set together")
+        if self.r_min is not None and self.r_max is not None and not self.r_max > self.r_min:
+            raise ValueError("reward.r_max must be greater than reward.r_min")
+        if self.normalization == "fixed" and self.r_min is None and not (
+            self.name == "pickscore" and self.output in (None, "cosine")
+        ):
+            raise ValueError("reward.normalization=fixed needs reward.r_min and reward.r_max")
+        return self
+
+
+class ScoreRecipe(Block):
+    """``smpo score``: reward scores and smoothed preference labels for pair datasets."""
+
+    stage: Literal["score"] = "score"
+    schema_version: int = SCHEMA_VERSION
+    output_dir: str = Field(description="Scored dataset folder; a rerun with the same recipe resumes it.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (under accelerate: each process its own).")
+    data: ScoreDataSpec
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+
 # ----------------------------------------------------------------------------- registry
-Recipe = TrainRecipe
-STAGE_SCHEMAS: dict[str, type[Block]] = {"train": TrainRecipe}
+Recipe = ScoreRecipe | TrainRecipe
+STAGE_SCHEMAS: dict[str, type[Block]] = {"score": ScoreRecipe, "train": TrainRecipe}

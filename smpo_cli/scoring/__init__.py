@@ -1,0 +1,1 @@
+"""``smpo score``: reward scores and smoothed preference labels for preference-pair datasets."""

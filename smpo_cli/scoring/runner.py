@@ -1,0 +1,404 @@
+"""``run_scoring(recipe)``: score every pair with a reward model and add the smoothed preference p.
+
+Output folder::
+
+    data/part-00000.parquet ...   every input column + smpo_row + per-output scores, winner, p
+    shards/part-00000.json        per-shard counts (written before its parquet; the parquet marks it done)
+    shards/fingerprint.json       the settings the shards were made with (a rerun resumes only if equal)
+    skipped.jsonl                 one line per skipped pair: row, shard, reason
+    summary.json                  totals, skips by reason, ties, human/reward agreement, p distribution
+
+Shards are written atomically, so a process killed at any point loses at most the shard in flight,
+and a rerun skips finished shards; the final files equal an uninterrupted run's. Under
+``accelerate launch`` process i scores shards i, i+N, ...; the main process finalises.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from smpo_cli.config.schema import ScoreRecipe
+from smpo_cli.errors import DataError, OutputDirError
+from smpo_cli.scoring.decode import PairDecoder, collate
+from smpo_cli.scoring.preference import (
+    PICKSCORE_COSINE_R_MAX,
+    PICKSCORE_COSINE_R_MIN,
+    TIE_LABEL,
+    human_winner,
+    p_distribution,
+    smoothed_p,
+)
+from smpo_cli.scoring.sources import Columns, PairSource, open_source, resolve_columns
+from smpo_cli.utils.atomic import atomic_path, write_json, write_text
+from smpo_cli.utils.logging import get_logger
+
+logger = get_logger(__name__)
+ROW_COLUMN = "smpo_row"
+METADATA_KEY = b"smpo"
+
+
+@dataclass
+class ScoreResult:
+    output_dir: str
+    rows: int
+    scored: int
+    ties_dropped: int
+    skipped: dict[str, int]
+    shards: int
+    shards_resumed: int
+    reward: dict[str, Any]
+    output: str
+    normalization: dict[str, Any]
+    agreement: dict[str, Any]
+    p: dict[str, Any]
+    seconds: float
+    pairs_per_second: float
+    columns: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- settings
+def fingerprint(recipe: ScoreRecipe) -> dict[str, Any]:
+    """The settings that determine the shards' contents (not speed knobs like batch size)."""
+    data = recipe.data.model_dump(mode="json", exclude={"num_workers"})
+    data["path"] = str(Path(recipe.data.path).expanduser().resolve()) if "*" not in recipe.data.path else recipe.data.path
+    reward = recipe.reward.model_dump(mode="json", exclude={"batch_size"})
+    return {"data": data, "reward": reward}
+
+
+def resume_ok(recipe: ScoreRecipe) -> bool:
+    """True when output_dir holds shards made with these settings (a rerun then resumes)."""
+    path = Path(recipe.output_dir) / "shards" / "fingerprint.json"
+    if not path.exists():
+        return False
+    old = json.loads(path.read_text(encoding="utf-8"))
+    new = fingerprint(recipe)
+    if old != new:
+        diff = [
+            f"{block}.{k}"
+            for block in ("data", "reward")
+            for k in sorted(set(old.get(block, {})) | set(new[block]))
+            if old.get(block, {}).get(k) != new[block].get(k)
+        ]
+        raise OutputDirError(
+            f"output_dir {recipe.output_dir} holds shards scored with other settings ({', '.join(diff)})",
+            hint="pass --overwrite to start again, or choose another output_dir",
+        )
+    return True
+
+
+def _choose_output(recipe: ScoreRecipe, reward) -> str:
+    output = recipe.reward.output or ("cosine" if recipe.reward.name == "pickscore" else reward.default_output)
+    if output not in reward.output_names:
+        raise DataError(
+            f"reward.output={output!r} is not an output of {reward.name}",
+            hint="outputs: " + ", ".join(reward.output_names),
+        )
+    return output
+
+
+def _fixed_range(recipe: ScoreRecipe, output: str) -> tuple[float, float] | None:
+    spec = recipe.reward
+    if spec.normalization == "dataset":
+        return None
+    if spec.r_min is not None and spec.r_max is not None:
+        return spec.r_min, spec.r_max
+    if spec.name == "pickscore" and output == "cosine":
+        return PICKSCORE_COSINE_R_MIN, PICKSCORE_COSINE_R_MAX
+    return None  # auto without known constants: from the dataset
+
+
+def _resolve_device_dtype(recipe: ScoreRecipe, state) -> tuple[str, str]:
+    import torch
+
+    if state.distributed_type.value != "NO" or recipe.device == "auto":
+        device = str(state.device)
+    else:
+        device = recipe.device
+    dtype = recipe.reward.dtype
+    if dtype == "auto":
+        dtype = "float16" if torch.device(device).type == "cuda" else "float32"
+    return device, dtype
+
+
+def _reason_kind(reason: str) -> str:
+    text = reason.split(": ", 1)[1] if reason.startswith(("image_0: ", "image_1: ")) else reason
+    for kind in ("file not found", "cannot decode", "oversized", "decompression bomb", "missing image", "missing prompt"):
+        if kind in text:
+            return kind
+    return text.split(":")[0]
+
+
+# ----------------------------------------------------------------------------- one shard
+def _score_shard(
+    k: int,
+    start: int,
+    stop: int,
+    source: PairSource,
+    cols: Columns,
+    recipe: ScoreRecipe,
+    reward,
+    output: str,
+    fixed: tuple[float, float] | None,
+    out_dir: Path,
+    progress,
+    task,
+) -> None:
+    import torch
+
+    table = source.read(start, stop)
+    n = table.num_rows
+    labels = None
+    if cols.label is not None:
+        labels = np.asarray(table.column(cols.label).to_numpy(zero_copy_only=False), dtype=np.float64)
+    is_tie = (labels == TIE_LABEL) if (labels is not None and recipe.data.drop_ties) else np.zeros(n, dtype=bool)
+    todo = np.flatnonzero(~is_tie)
+    decoder = PairDecoder(
+        table.column(cols.image_0).to_pylist(),
+        table.column(cols.image_1).to_pylist(),
+        table.column(cols.prompt).to_pylist(),
+        source.base_dir,
+        recipe.data.max_image_pixels,
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(decoder, todo.tolist()),
+        batch_size=recipe.reward.batch_size,
+        num_workers=recipe.data.num_workers if len(todo) > recipe.reward.batch_size else 0,
+        collate_fn=collate,
+    )
+    scores = {name: (np.full(n, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32)) for name in reward.output_names}
+    scored = np.zeros(n, dtype=bool)
+    skipped: list[dict[str, Any]] = []
+    for batch in loader:
+        valid = [d for d in batch if d.skip_reason is None]
+        for d in batch:
+            if d.skip_reason is not None:
+                skipped.append({"row": start + d.row, "shard": k, "reason": d.skip_reason})
+        if valid:
+            out_a, out_b = reward.score_pairs(
+                [d.image_0 for d in valid], [d.image_1 for d in valid], [d.prompt for d in valid]
+            )
+            rows = np.array([d.row for d in valid])
+            for name in reward.output_names:
+                scores[name][0][rows] = out_a[name].numpy()
+                scores[name][1][rows] = out_b[name].numpy()
+            scored[rows] = True
+        progress.update(task, advance=len(batch))
+    keep = np.flatnonzero(scored)
+    out = table.take(pa.array(keep, type=pa.int64()))
+    prefix = reward.name
+    new_columns: dict[str, pa.Array] = {ROW_COLUMN: pa.array(keep + start, type=pa.int64())}
+    for name in reward.output_names:
+        new_columns[f"{prefix}_{name}_0"] = pa.array(scores[name][0][keep])
+        new_columns[f"{prefix}_{name}_1"] = pa.array(scores[name][1][keep])
+    if fixed is not None:
+        winner, p = smoothed_p(scores[output][0][keep], scores[output][1][keep], *fixed)
+        new_columns[f"{prefix}_winner"] = pa.array(winner)
+        new_columns[f"{prefix}_p"] = pa.array(p)
+    for name, values in new_columns.items():
+        if name in out.column_names:
+            out = out.drop_columns([name])
+        out = out.append_column(name, values)
+    meta = {
+        "reward": reward.metadata,
+        "output": output,
+        "normalization": None if fixed is None else {"r_min": fixed[0], "r_max": fixed[1]},
+    }
+    out = out.replace_schema_metadata({**(out.schema.metadata or {}), METADATA_KEY: json.dumps(meta).encode()})
+    counts = {"shard": k, "start": start, "stop": stop, "rows": n, "ties_dropped": int(is_tie.sum()),
+              "scored": int(len(keep)), "skipped": skipped}  # fmt: skip
+    write_json(out_dir / "shards" / f"part-{k:05d}.json", counts)
+    if len(keep) == 0:
+        return  # an empty parquet file breaks `datasets`; the sidecar alone marks this shard done
+    with atomic_path(out_dir / "data" / f"part-{k:05d}.parquet", suffix=".parquet") as tmp:
+        pq.write_table(out, tmp)
+
+
+# ----------------------------------------------------------------------------- finalise
+def _shard_paths(out_dir: Path, k: int) -> tuple[Path, Path]:
+    return out_dir / "data" / f"part-{k:05d}.parquet", out_dir / "shards" / f"part-{k:05d}.json"
+
+
+def _shard_done(out_dir: Path, k: int) -> bool:
+    """Finished: its parquet exists (written last), or its sidecar says it kept no pair."""
+    parquet, sidecar = _shard_paths(out_dir, k)
+    if parquet.exists():
+        return sidecar.exists()
+    try:
+        return sidecar.exists() and json.loads(sidecar.read_text(encoding="utf-8"))["scored"] == 0
+    except (ValueError, KeyError):
+        return False
+
+
+def _nonempty(out_dir: Path, shards: list[int]) -> list[int]:
+    return [k for k in shards if _shard_paths(out_dir, k)[0].exists()]
+
+
+def _add_dataset_p(out_dir: Path, shards: list[int], prefix: str, output: str) -> dict[str, Any]:
+    """Second pass for dataset normalisation: global min/max over both images, then p per shard."""
+    cols = [f"{prefix}_{output}_0", f"{prefix}_{output}_1"]
+    lo, hi = np.inf, -np.inf
+    for k in shards:
+        t = pq.read_table(_shard_paths(out_dir, k)[0], columns=cols)
+        for c in cols:
+            v = t.column(c).to_numpy()
+            if v.size:
+                lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+    if not hi > lo:
+        raise DataError(
+            f"cannot normalise {prefix} scores from the dataset: fewer than two distinct values",
+            hint="score more pairs, or set reward.r_min/reward.r_max",
+        )
+    for k in shards:
+        path = _shard_paths(out_dir, k)[0]
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[METADATA_KEY])
+        if meta.get("normalization") == {"r_min": lo, "r_max": hi}:
+            continue  # already finalised by an earlier, interrupted finalise
+        winner, p = smoothed_p(table.column(cols[0]).to_numpy(), table.column(cols[1]).to_numpy(), lo, hi)
+        for name, values in ((f"{prefix}_winner", pa.array(winner)), (f"{prefix}_p", pa.array(p))):
+            if name in table.column_names:
+                table = table.drop_columns([name])
+            table = table.append_column(name, values)
+        meta["normalization"] = {"r_min": lo, "r_max": hi}
+        table = table.replace_schema_metadata({**table.schema.metadata, METADATA_KEY: json.dumps(meta).encode()})
+        with atomic_path(path, suffix=".parquet") as tmp:
+            pq.write_table(table, tmp)
+    return {"mode": "dataset", "r_min": lo, "r_max": hi}
+
+
+def _finalise(out_dir: Path, shards: list[int], cols: Columns, reward_meta: dict, output: str,
+              fixed: tuple[float, float] | None) -> dict[str, Any]:  # fmt: skip
+    prefix = reward_meta["name"]
+    if fixed is None:
+        normalization = _add_dataset_p(out_dir, _nonempty(out_dir, shards), prefix, output)
+    else:
+        normalization = {"mode": "fixed", "r_min": fixed[0], "r_max": fixed[1]}
+    rows = ties = scored = 0
+    skipped: list[dict] = []
+    winners, humans, ps = [], [], []
+    for k in shards:
+        parquet, sidecar = _shard_paths(out_dir, k)
+        counts = json.loads(sidecar.read_text(encoding="utf-8"))
+        rows += counts["rows"]
+        ties += counts["ties_dropped"]
+        scored += counts["scored"]
+        skipped.extend(counts["skipped"])
+        if not parquet.exists():
+            continue
+        wanted = [f"{prefix}_winner", f"{prefix}_p"] + ([cols.label] if cols.label else [])
+        t = pq.read_table(parquet, columns=wanted)
+        winners.append(t.column(f"{prefix}_winner").to_numpy())
+        ps.append(t.column(f"{prefix}_p").to_numpy())
+        if cols.label:
+            humans.append(human_winner(t.column(cols.label).to_numpy(zero_copy_only=False)))
+    winner = np.concatenate(winners) if winners else np.zeros(0, np.int8)
+    p = np.concatenate(ps) if ps else np.zeros(0)
+    agreement: dict[str, Any] = {"labelled_pairs": 0}
+    if humans:
+        human = np.concatenate(humans)
+        labelled = human >= 0
+        agreement = {
+            "labelled_pairs": int(labelled.sum()),
+            "reward_agrees_with_human": float((winner[labelled] == human[labelled]).mean()) if labelled.any() else None,
+        }
+    write_text(out_dir / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
+    by_reason: dict[str, int] = {}
+    for s in skipped:
+        kind = _reason_kind(s["reason"])
+        by_reason[kind] = by_reason.get(kind, 0) + 1
+    return {
+        "rows": rows,
+        "ties_dropped": ties,
+        "scored": scored,
+        "skipped": by_reason,
+        "normalization": normalization,
+        "agreement": agreement,
+        "p": p_distribution(p),
+    }
+
+
+# ----------------------------------------------------------------------------- entry point
+def run_scoring(recipe: ScoreRecipe) -> ScoreResult:
+    """Score ``recipe.data`` with ``recipe.reward``; write shards, skipped.jsonl and summary.json."""
+    from accelerate import PartialState
+    from rich.progress import TextColumn
+
+    from smpo_cli.rewards import load_reward
+    from smpo_cli.utils.progress import make_progress
+
+    started = time.perf_counter()
+    state = PartialState()
+    out_dir = Path(recipe.output_dir)
+    source = open_source(recipe.data.path, recipe.data.split)
+    d = recipe.data
+    cols = resolve_columns(source, d.layout, d.image_0_column, d.image_1_column, d.prompt_column, d.label_column)
+    n = min(source.num_rows, d.limit) if d.limit else source.num_rows
+    if n == 0:
+        raise DataError(f"data.path {recipe.data.path}: the dataset has no rows")
+    bounds = [(k, s, min(s + d.rows_per_shard, n)) for k, s in enumerate(range(0, n, d.rows_per_shard))]
+    if state.is_main_process:
+        write_json(out_dir / "shards" / "fingerprint.json", fingerprint(recipe))
+    done = {k for k, _, _ in bounds if _shard_done(out_dir, k)}
+    mine = [b for b in bounds if b[0] % state.num_processes == state.process_index and b[0] not in done]
+    device, dtype = _resolve_device_dtype(recipe, state)
+    reward = load_reward(
+        recipe.reward.name, recipe.reward.path, device=device, dtype=dtype,
+        batch_size=2 * recipe.reward.batch_size, **recipe.reward.options,
+    )  # fmt: skip
+    output = _choose_output(recipe, reward)
+    fixed = _fixed_range(recipe, output)
+    logger.info(
+        "scoring %d pairs in %d shards (%d already done) with %s (%s, output %s) on %s/%s",
+        n, len(bounds), len(done), reward.name, reward.version, output, device, dtype,
+    )  # fmt: skip
+    todo_pairs = sum(stop - start for _, start, stop in mine)
+    rate = TextColumn("{task.fields[rate]}")
+    t0 = time.perf_counter()
+    with make_progress(rate) as progress:
+        task = progress.add_task(f"score {reward.name}", total=todo_pairs, rate="")
+        for k, start, stop in mine:
+            _score_shard(k, start, stop, source, cols, recipe, reward, output, fixed, out_dir, progress, task)
+            pairs = progress.tasks[task].completed
+            progress.update(task, rate=f"{pairs / max(time.perf_counter() - t0, 1e-9):.1f} pairs/s")
+    scoring_seconds = time.perf_counter() - t0
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return ScoreResult(str(out_dir), n, 0, 0, {}, len(bounds), len(done), reward.metadata, output, {}, {}, {},
+                           time.perf_counter() - started, todo_pairs / max(scoring_seconds, 1e-9))  # fmt: skip
+    summary = _finalise(out_dir, [k for k, _, _ in bounds], cols, reward.metadata, output, fixed)
+    prefix = reward.name
+    result = ScoreResult(
+        output_dir=str(out_dir),
+        rows=summary["rows"],
+        scored=summary["scored"],
+        ties_dropped=summary["ties_dropped"],
+        skipped=summary["skipped"],
+        shards=len(bounds),
+        shards_resumed=len(done),
+        reward=reward.metadata,
+        output=output,
+        normalization=summary["normalization"],
+        agreement=summary["agreement"],
+        p=summary["p"],
+        seconds=round(time.perf_counter() - started, 3),
+        pairs_per_second=round(todo_pairs / max(scoring_seconds, 1e-9), 3),
+        columns={
+            "scores": f"{prefix}_<output>_0 / {prefix}_<output>_1 for outputs " + ", ".join(reward.output_names),
+            "winner": f"{prefix}_winner (0 or 1: the image with the larger {output})",
+            "p": f"{prefix}_p (smoothed probability that the reward winner is preferred, >= 0.5)",
+            "row": f"{ROW_COLUMN} (row index in the input dataset)",
+        },
+    )
+    write_json(out_dir / "summary.json", result.to_dict())
+    return result
