@@ -65,7 +65,7 @@ def run_selftest(
         pipe = comps.pipeline()
         prompt = "a red circle above a blue square"
 
-        def sample(seed_: int):
+        def sample(seed_: int, pipe=pipe, prompt=prompt):
             generator = torch.Generator(device="cpu").manual_seed(seed_)
             return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pil").images[0]
 

@@ -33,6 +33,15 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if os.environ.get("SMPO_ALLOW_NETWORK") != "1":
         socket.socket.connect = _guarded_connect
+    # Tiny models run fastest on one thread, and several OpenMP threads thrash badly (10x and
+    # more) when anything else runs on a 2-core box. SMPO_TEST_THREADS=N to change it.
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("SMPO_TEST_THREADS", "1")))
+    # Tiny models are materialised into one folder per test session, never into the user's cache.
+    import tempfile
+
+    os.environ["SMPO_CACHE"] = tempfile.mkdtemp(prefix="smpo-test-cache-")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,8 +81,8 @@ def _seed_and_dtype():
 
 
 @pytest.fixture(scope="session")
-def smpo_cache(tmp_path_factory):
-    """A cache folder shared by the session (tiny models are materialised here once)."""
-    path = tmp_path_factory.mktemp("smpo-cache")
-    os.environ["SMPO_CACHE"] = str(path)
-    return path
+def smpo_cache():
+    """The session's cache folder (tiny models are materialised here once)."""
+    from pathlib import Path
+
+    return Path(os.environ["SMPO_CACHE"])

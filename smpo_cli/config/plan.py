@@ -73,6 +73,21 @@ def plan_lines(recipe: BaseModel) -> list[tuple[str, str]]:
     if hasattr(data, "data") and getattr(data.data, "path", None):
         level, what = describe_local_input(data.data.path)
         lines.append((level, f"data.path = {data.data.path}: {what}"))
+    if data.stage == "score":
+        rw = data.reward
+        src = rw.path or "official weights"
+        lines.append(("ok", f"reward: {rw.name} ({src}), {rw.batch_size} pairs per batch, dtype {rw.dtype}"))
+        if rw.path:
+            level, what = describe_model_ref(rw.path)
+            lines.append((level, f"reward.path = {rw.path}: {what}"))
+        output = rw.output or ("cosine" if rw.name == "pickscore" else "the model's default output")
+        if rw.normalization == "dataset" or (rw.r_min is None and not (rw.name == "pickscore" and output == "cosine")):
+            norm = "min/max of this dataset's scores (second pass)"
+        else:
+            lo, hi = (rw.r_min, rw.r_max) if rw.r_min is not None else ("0.1154 (official)", "0.2820 (official)")
+            norm = f"fixed r_min={lo}, r_max={hi}"
+        lines.append(("ok", f"p from {output}, normalisation: {norm}"))
+        lines.append(("ok", f"shards of {data.data.rows_per_shard} rows; ties {'dropped' if data.data.drop_ties else 'kept'}"))
     if data.stage == "train":
         t, o = data.train, data.optim
         per_process = t.batch_size * t.grad_accum_steps

@@ -27,7 +27,9 @@ def test_minimal_recipe_fills_defaults(tmp_path):
     r = loaded.recipe
     assert r.method.name == "smpo" and r.method.beta == 5000 and r.inversion.source == "online"
     assert r.logging.report_to == ["jsonl"]
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
         r.seed = 3  # frozen
 
 

@@ -1,0 +1,470 @@
+"""Tiny SD1.5- and SDXL-shaped pipelines, built in-process and saved in the real diffusers format.
+
+``tiny-sd15`` and ``tiny-sdxl`` are model names that resolve to these pipelines. They follow
+diffusers' own dummy test components (``get_dummy_components``): real classes and real
+architectures (cross-attention UNet, 2-level VAE, CLIP text encoders of hidden size 32, the
+SDXL ``text_time`` conditioning), only small. Every build gives bit-identical weights.
+
+``materialize_tiny(name)`` writes the pipeline once under ``cache_dir()/models/<name>-v<N>``
+with ``save_pretrained`` (safetensors + ``model_index.json``), so it is loaded back through the
+same code path as a real checkpoint.
+
+The CLIP tokenizer those pipelines use is made by this module (no download ever) and shipped in
+``smpo_cli/models/assets/tiny_clip_tokenizer``. Regenerate it with::
+
+    python -m smpo_cli.models.tiny --write-tokenizer smpo_cli/models/assets/tiny_clip_tokenizer
+
+This module imports no torch at import time (``TINY_MODELS`` is read by recipe validation).
+Bump ``BUILDER_VERSION`` whenever a builder, a size or the tokenizer changes: materialised
+folders are keyed by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from smpo_cli.utils.atomic import atomic_path
+from smpo_cli.utils.logging import get_logger
+from smpo_cli.utils.paths import cache_dir
+
+logger = get_logger(__name__)
+
+BUILDER_VERSION = 1
+TINY_FAMILIES = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
+TINY_MODELS = tuple(TINY_FAMILIES)
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_clip_tokenizer"
+MARKER_FILE = "smpo_tiny.json"
+
+SEED = 0
+MODEL_MAX_LENGTH = 77
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+
+# Words that tokenize to a single token in the tiny CLIP vocabulary. Order matters (it fixes the
+# merge list); append new words at the end and bump BUILDER_VERSION.
+PROMPT_WORDS: tuple[str, ...] = (
+    # articles, prepositions, glue
+    "a", "an", "the", "of", "and", "with", "in", "on", "at", "by", "for", "from", "to", "is",
+    "up", "over", "under", "near", "inside", "outside", "front", "back", "behind", "top", "side",
+    "very", "highly", "one", "two", "three", "his", "her", "their", "its", "this", "that",
+    # medium and style
+    "photo", "photograph", "portrait", "painting", "drawing", "illustration", "sketch", "render",
+    "art", "artwork", "digital", "oil", "watercolor", "style", "realistic", "photorealistic",
+    "detailed", "intricate", "beautiful", "cinematic", "lighting", "light", "dark", "bright",
+    "soft", "dramatic", "anime", "cartoon", "comic", "pixel", "studio", "concept", "poster",
+    "abstract", "surreal", "vintage", "retro", "modern", "minimalist", "fantasy", "futuristic",
+    "cyberpunk", "steampunk", "neon", "glowing", "vibrant", "colorful", "epic", "masterpiece",
+    "quality", "high", "resolution", "sharp", "focus", "trending", "artstation", "unreal",
+    "engine", "octane", "close", "view", "wide", "angle", "shot", "background", "scene",
+    # nature and places
+    "sky", "cloud", "clouds", "sun", "sunset", "sunrise", "moon", "star", "stars", "space",
+    "galaxy", "planet", "night", "day", "morning", "evening", "city", "street", "building",
+    "house", "castle", "tower", "bridge", "road", "forest", "tree", "trees", "flower", "flowers",
+    "garden", "field", "grass", "mountain", "mountains", "river", "lake", "ocean", "sea",
+    "beach", "water", "snow", "rain", "fire", "desert", "island", "landscape", "room", "window",
+    "door", "table", "chair", "kitchen", "library", "temple", "village", "jungle", "cave",
+    # subjects
+    "cat", "cats", "dog", "dogs", "bird", "horse", "fish", "lion", "tiger", "bear", "fox",
+    "wolf", "rabbit", "owl", "dragon", "squirrel", "robot", "astronaut", "man", "woman",
+    "girl", "boy", "child", "people", "person", "face", "eyes", "hair", "hand", "hands",
+    "king", "queen", "knight", "warrior", "wizard", "witch", "princess", "soldier", "monster",
+    "car", "train", "ship", "boat", "plane", "bicycle", "book", "cup", "coffee", "tea", "food",
+    "pizza", "burger", "cake", "apple", "banana", "bowl", "hat", "dress", "suit", "armor",
+    "glasses", "sword", "crown", "mask", "clock", "lamp", "guitar", "sign", "text", "logo",
+    # colours and adjectives
+    "red", "blue", "green", "yellow", "orange", "purple", "pink", "black", "white", "gray",
+    "brown", "golden", "gold", "silver", "small", "large", "big", "tiny", "giant", "old",
+    "young", "happy", "sad", "cute", "scary", "ancient", "magic", "magical", "wooden", "stone",
+    "metal", "glass", "crystal", "smiling", "wet", "cozy", "empty", "crowded", "peaceful",
+    # verbs
+    "wearing", "holding", "sitting", "standing", "running", "walking", "flying", "eating",
+    "drinking", "playing", "reading", "looking", "riding", "swimming", "dancing", "sleeping",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer files (CLIP byte-level BPE)
+# --------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2 byte → printable unicode character table (the 256 base symbols)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def _clip_bpe(symbols: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one pre-token: the last symbol carries ``</w>``; lowest-rank pair first."""
+    word = list(symbols[:-1]) + [symbols[-1] + "</w>"]
+    while len(word) > 1:
+        pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
+        best = min(pairs, key=lambda p: ranks.get(p, len(ranks) + 1))
+        if best not in ranks:
+            break
+        merged: list[str] = []
+        i = 0
+        while i < len(word):
+            if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                merged.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = merged
+    return word
+
+
+def build_clip_bpe(words: Iterable[str] = PROMPT_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges that make each of ``words`` one token (deterministic).
+
+    Vocabulary order is CLIP's: the 256 byte symbols, the same with ``</w>``, one entry per new
+    merge result, then ``<|startoftext|>`` and ``<|endoftext|>``. Merges are found by running
+    CLIP's BPE on each word and appending the merge of its two leftmost pieces until the word is
+    a single token; the pass repeats until no word needs a new merge (a fixed point).
+    """
+    byte_encoder = _bytes_to_unicode()
+    encoded = [
+        "".join(byte_encoder[b] for b in w.encode("utf-8")) for w in dict.fromkeys(w.lower() for w in words)
+    ]
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    changed = True
+    while changed:
+        changed = False
+        for word in encoded:
+            pieces = _clip_bpe(word, ranks)
+            while len(pieces) > 1:
+                pair = (pieces[0], pieces[1])
+                ranks[pair] = len(merges)
+                merges.append(pair)
+                changed = True
+                pieces = _clip_bpe(word, ranks)
+    base = list(byte_encoder.values())
+    vocab_list = base + [s + "</w>" for s in base]
+    seen = set(vocab_list)
+    for a, b in merges:
+        if a + b not in seen:
+            seen.add(a + b)
+            vocab_list.append(a + b)
+    vocab_list += [BOS_TOKEN, EOS_TOKEN]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def tokenizer_files(words: Iterable[str] = PROMPT_WORDS) -> dict[str, str]:
+    """File name → text of the tiny CLIP tokenizer (``vocab.json``, ``merges.txt``, config)."""
+    vocab, merges = build_clip_bpe(words)
+    config = {
+        "backend": "tokenizers",
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "pad_token": EOS_TOKEN,
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": EOS_TOKEN,
+    }
+    return {
+        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+        "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+        "vocab.json": json.dumps(vocab, indent=2, ensure_ascii=False) + "\n",
+    }
+
+
+def write_tokenizer(dest: str | os.PathLike[str]) -> Path:
+    """Write the tiny CLIP tokenizer files into folder ``dest`` (created if missing)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, text in tokenizer_files().items():
+        with open(dest / name, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+    logger.info("wrote the tiny CLIP tokenizer to %s", dest)
+    return dest
+
+
+def load_tiny_tokenizer(pad_token: str | None = None):
+    """The shipped tiny ``CLIPTokenizer`` (``pad_token="!"`` gives the SDXL ``tokenizer_2`` flavour)."""
+    from transformers import CLIPTokenizer
+
+    kwargs = {"pad_token": pad_token} if pad_token is not None else {}
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Model builders
+# --------------------------------------------------------------------------------------------
+
+
+def _text_encoder_config(vocab_size: int, bos: int, eos: int, *, hidden: int, intermediate: int, act: str):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        projection_dim=hidden,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        hidden_act=act,
+        layer_norm_eps=1e-5,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+
+
+def _scheduler_kwargs() -> dict[str, Any]:
+    # The betas every SD1.5 / SDXL checkpoint ships (scaled_linear 0.00085..0.012, 1000 steps).
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "steps_offset": 1,
+        "prediction_type": "epsilon",
+    }
+
+
+def _vae(scaling_factor: float, force_upcast: bool):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        force_upcast=force_upcast,
+    )
+
+
+def build_tiny_components(name: str) -> dict[str, Any]:
+    """Fresh, deterministic components of ``name`` (keyword arguments of the pipeline class).
+
+    Each component is seeded with ``torch.manual_seed`` inside ``torch.random.fork_rng`` so
+    that two builds are bit-identical and the caller's RNG state is left untouched.
+    """
+    import torch
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    family = _family_of(name)
+    tokenizer = load_tiny_tokenizer()
+    vocab_size = len(tokenizer)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    te_config = _text_encoder_config(vocab_size, bos, eos, hidden=32, intermediate=37, act="quick_gelu")
+    components: dict[str, Any] = {"tokenizer": tokenizer}
+
+    with torch.random.fork_rng(devices=[]):
+        if family == "sd15":
+            torch.manual_seed(SEED)
+            components["unet"] = UNet2DConditionModel(
+                sample_size=32,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                block_out_channels=(32, 64),
+                layers_per_block=2,
+                cross_attention_dim=32,
+                attention_head_dim=8,
+                norm_num_groups=32,
+            )
+            torch.manual_seed(SEED)
+            components["vae"] = _vae(scaling_factor=0.18215, force_upcast=True)
+            torch.manual_seed(SEED)
+            components["text_encoder"] = CLIPTextModel(te_config)
+            # SD1.5 ships PNDM (PLMS) with these settings.
+            components["scheduler"] = PNDMScheduler(
+                **_scheduler_kwargs(), skip_prk_steps=True, set_alpha_to_one=False
+            )
+            components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        else:
+            te2_config = _text_encoder_config(vocab_size, bos, eos, hidden=64, intermediate=128, act="gelu")
+            torch.manual_seed(SEED)
+            components["unet"] = UNet2DConditionModel(
+                sample_size=32,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                block_out_channels=(32, 64),
+                layers_per_block=2,
+                attention_head_dim=(2, 4),
+                use_linear_projection=True,
+                transformer_layers_per_block=(1, 2),
+                # text encoder hidden states are concatenated: 32 (CLIP-L-like) + 64 (bigG-like)
+                cross_attention_dim=32 + 64,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                # 6 size/crop time ids * 8 + pooled text_encoder_2 projection (64)
+                projection_class_embeddings_input_dim=6 * 8 + 64,
+                norm_num_groups=32,
+            )
+            torch.manual_seed(SEED)
+            components["vae"] = _vae(scaling_factor=0.13025, force_upcast=True)
+            torch.manual_seed(SEED)
+            components["text_encoder"] = CLIPTextModel(te_config)
+            torch.manual_seed(SEED)
+            components["text_encoder_2"] = CLIPTextModelWithProjection(te2_config)
+            # SDXL's second tokenizer pads with "!" (as in stabilityai/stable-diffusion-xl-base-1.0).
+            components["tokenizer_2"] = load_tiny_tokenizer(pad_token="!")
+            components["scheduler"] = EulerDiscreteScheduler(
+                **_scheduler_kwargs(), timestep_spacing="leading", interpolation_type="linear"
+            )
+            components.update(image_encoder=None, feature_extractor=None)
+    for module in components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return components
+
+
+def build_tiny_pipeline(name: str):
+    """A ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` of fresh tiny components."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    components = build_tiny_components(name)
+    if _family_of(name) == "sd15":
+        pipe = StableDiffusionPipeline(**components)
+    else:
+        pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _family_of(name: str) -> str:
+    try:
+        return TINY_FAMILIES[name]
+    except KeyError:
+        from smpo_cli.errors import AssetNotFoundError
+
+        raise AssetNotFoundError(
+            f"unknown tiny model {name!r}", hint=f"choose one of {', '.join(TINY_MODELS)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Materialisation on disk
+# --------------------------------------------------------------------------------------------
+
+
+def is_tiny_name(name: object) -> bool:
+    return isinstance(name, str) and name in TINY_FAMILIES
+
+
+def tiny_model_dir(name: str) -> Path:
+    """Where ``materialize_tiny(name)`` keeps the pipeline (it may not exist yet)."""
+    _family_of(name)
+    return cache_dir() / "models" / f"{name}-v{BUILDER_VERSION}"
+
+
+def _file_manifest(root: Path) -> dict[str, int]:
+    return {
+        p.relative_to(root).as_posix(): p.stat().st_size
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MARKER_FILE
+    }
+
+
+def is_materialized(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` holds a complete tiny pipeline written by this builder version."""
+    path = Path(path)
+    try:
+        marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if marker.get("builder_version") != BUILDER_VERSION or not (path / "model_index.json").is_file():
+        return False
+    files = marker.get("files", {})
+    return bool(files) and all(
+        (path / rel).is_file() and (path / rel).stat().st_size == size for rel, size in files.items()
+    )
+
+
+def materialize_tiny(name: str, *, force: bool = False) -> Path:
+    """Write tiny pipeline ``name`` in the diffusers format once, and return its folder.
+
+    The folder (``cache_dir()/models/<name>-v<BUILDER_VERSION>``) is built in a temporary
+    folder and renamed into place, under a file lock: concurrent callers and reruns after a
+    crash see either nothing or a complete pipeline. An existing complete folder is reused.
+    """
+    from filelock import FileLock
+
+    dest = tiny_model_dir(name)
+    if not force and is_materialized(dest):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest.parent / f".{dest.name}.lock")):
+        if not force and is_materialized(dest):
+            return dest
+        import diffusers
+        import torch
+        import transformers
+
+        pipe = build_tiny_pipeline(name)
+        with atomic_path(dest) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            marker = {
+                "name": name,
+                "builder_version": BUILDER_VERSION,
+                "versions": {
+                    "diffusers": diffusers.__version__,
+                    "transformers": transformers.__version__,
+                    "torch": torch.__version__,
+                },
+                "files": _file_manifest(tmp),
+            }
+            (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        logger.info("materialised %s (builder v%d) at %s", name, BUILDER_VERSION, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# python -m smpo_cli.models.tiny
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m smpo_cli.models.tiny",
+        description="Regenerate the shipped tiny CLIP tokenizer files or materialise a tiny pipeline.",
+    )
+    parser.add_argument("--write-tokenizer", metavar="DIR", help="write vocab.json, merges.txt, config")
+    parser.add_argument("--materialize", metavar="NAME", choices=TINY_MODELS, help="write NAME to the cache")
+    parser.add_argument("--force", action="store_true", help="rebuild even if already materialised")
+    args = parser.parse_args(argv)
+    if not (args.write_tokenizer or args.materialize):
+        parser.error("nothing to do: pass --write-tokenizer DIR and/or --materialize NAME")
+
+    import logging
+
+    from smpo_cli.utils.logging import configure
+
+    configure(logging.INFO, logging.StreamHandler(sys.stderr))
+    if args.write_tokenizer:
+        write_tokenizer(args.write_tokenizer)
+    if args.materialize:
+        materialize_tiny(args.materialize, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""The README's quick start: exactly two commands, and the first one's job works end to end."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from smpo_cli.cli.main import run
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def quickstart_commands() -> list[str]:
+    text = README.read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_quickstart_is_two_commands_install_and_test():
+    install_run, install_test = quickstart_commands()
+    assert install_run.startswith("pip install") and install_run.endswith("smpo selftest")
+    assert install_test.startswith("pip install") and install_test.endswith("pytest")
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (README.parent / ".ci" / "run").read_text()
+    install, test = quickstart_commands()[1].split(" && ")
+    assert install.replace("pip install", "pip install -q") in ci and f"python -m {test}" in ci
+
+
+@pytest.mark.integration
+def test_selftest_end_to_end(tmp_path, capsys):
+    out = tmp_path / "selftest"
+    assert run(["selftest", "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in result["rows"]] == ["tiny-sd15", "tiny-sdxl"]
+    for row in result["rows"]:
+        assert row["deterministic"] and Path(row["image"]).is_file() and row["image_size"] == [64, 64]
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "success" and manifest["stage"] == "selftest"
+    # a second run replaces the first (its own run folder), but never a foreign folder
+    assert run(["-q", "selftest", "-o", str(out), "--family", "sdxl"]) == 0
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert run(["selftest", "-o", str(foreign)]) == 2
+    assert run(["selftest", "--family", "sd3"]) == 2
