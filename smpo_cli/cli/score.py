@@ -14,7 +14,7 @@ from smpo_cli.cli.options import DryRunOpt, JsonOpt, OutputDirOpt, OverridesArg,
 EPILOG = (
     "Examples:\n\n"
     "  smpo score --recipe pickscore_pickapic data.path=/data/pickapic_v2\n\n"
-    "  smpo score --data pairs.jsonl --reward hpsv2 -o scored/ reward.options.version=v2.1\n\n"
+    "  smpo score --data pairs.jsonl --reward hpsv2 -o scored/ reward.options.variant=v2.0\n\n"
     "  smpo score --recipe pickscore_pickapic data.limit=1000 --dry-run\n\n"
     "  accelerate launch --num_processes 8 -m smpo_cli score --recipe pickscore_pickapic"
 )

@@ -237,7 +237,7 @@ class RewardSpec(Block):
     )
     path: str | None = Field(None, description="Local folder/file or hub id; null = the model's official weights.")
     options: dict[str, str | int | float | bool | None] = Field(
-        default_factory=dict, description="Model-specific options (e.g. hpsv2: {version: v2.1})."
+        default_factory=dict, description="Model-specific options (e.g. hpsv2: {variant: v2.0})."
     )
     output: str | None = Field(
         None, description="Which score defines the winner and p; null = cosine for pickscore, else the model default."
