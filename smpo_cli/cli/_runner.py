@@ -34,6 +34,7 @@ def run_stage(
     """Run one stage; ``core`` is imported lazily by the caller so --help never loads torch."""
     from smpo_cli.config import dump_recipe, load_recipe
     from smpo_cli.config.plan import plan_lines
+    from smpo_cli.utils.distributed import barrier, is_main_process
     from smpo_cli.utils.rundir import RunDir
 
     loaded = load_recipe(recipe, stage, overrides, sugar)
@@ -44,18 +45,26 @@ def run_stage(
         out.print(resolved, end="", markup=False, highlight=False)
         print_plan(plan_lines(loaded.recipe))
         return None
+    # Under accelerate/torchrun only the main process owns the run folder; the others wait until
+    # it is ready (an --overwrite may be emptying it) and then run the same core function.
+    main = is_main_process()
     rundir = RunDir(loaded.recipe.output_dir)
-    rundir.prepare(overwrite=overwrite, resume=not overwrite and resume(loaded.recipe))
-    rundir.write_recipe(resolved)
-    rundir.start(stage=stage, recipe_source=loaded.source)
+    if main:
+        rundir.prepare(overwrite=overwrite, resume=not overwrite and resume(loaded.recipe))
+        rundir.write_recipe(resolved)
+        rundir.start(stage=stage, recipe_source=loaded.source)
+    barrier()
     try:
         result = core(loaded.recipe)
     except KeyboardInterrupt:
-        rundir.finish("interrupted")
+        if main:
+            rundir.finish("interrupted")
         raise
     except BaseException as exc:
-        rundir.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        if main:
+            rundir.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    summary = result.to_dict() if hasattr(result, "to_dict") else None
-    rundir.finish("success", result=summary)
+    if main:
+        summary = result.to_dict() if hasattr(result, "to_dict") else None
+        rundir.finish("success", result=summary)
     return result

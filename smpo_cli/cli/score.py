@@ -58,8 +58,10 @@ def score(
         "score", recipe=recipe, overrides=overrides, sugar=sugar, dry_run=dry_run, overwrite=overwrite,
         resume=resume_ok, core=run_scoring,
     )  # fmt: skip
-    if result is None:
-        return
+    from smpo_cli.utils.distributed import is_main_process
+
+    if result is None or not is_main_process():
+        return  # dry run, or a non-main rank under accelerate (the main one reports)
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
         return

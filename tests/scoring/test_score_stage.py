@@ -202,3 +202,29 @@ def test_fixed_normalisation_needs_range():
 
     with pytest.raises(RecipeError, match="reward.normalization=fixed needs"):
         load_recipe(None, "score", ["data.path=x", "output_dir=o", "reward.name=hpsv2", "reward.normalization=fixed"])
+
+
+def test_two_processes_split_shards_and_match_one_process(tiny_pickscore, tmp_path):
+    """Under torchrun (as under `accelerate launch`) each rank scores its own shards; rank 0 finalises."""
+    import shutil
+
+    import pyarrow as pa
+
+    from tests.scoring.conftest import pickapic_rows
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun, "torchrun ships with torch"
+    data = tmp_path / "data.parquet"
+    pq.write_table(pa.table(pickapic_rows(30)), data)
+    args = ["--data", str(data), f"reward.path={tiny_pickscore}", "data.rows_per_shard=4", "data.num_workers=0"]
+    assert run(["-q", "score", "-o", str(tmp_path / "single"), *args]) == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "smpo_cli", "-q", "score",
+         "-o", str(tmp_path / "multi"), *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pd.testing.assert_frame_equal(read_out(tmp_path / "multi"), read_out(tmp_path / "single"))
+    summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    assert summary["scored"] == json.loads((tmp_path / "single" / "summary.json").read_text())["scored"]
