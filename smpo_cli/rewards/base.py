@@ -24,23 +24,15 @@ import torch
 from PIL import Image
 
 from smpo_cli.errors import AssetNotFoundError, DataError, ModelLoadError, UsageError
-from smpo_cli.utils.logging import get_logger, warning_once
+from smpo_cli.utils.devices import resolve_device
+from smpo_cli.utils.devices import resolve_dtype as _resolve_dtype
+from smpo_cli.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 
 # ----------------------------------------------------------------------------------------- images
@@ -95,26 +87,9 @@ def _as_prompt_list(prompts: Sequence[str] | str | None, n: int, *, required: bo
 # ------------------------------------------------------------------------------------ dtype/device
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise UsageError(
-                f"unsupported reward-model dtype {dtype}", hint="use float32, float16 or bfloat16"
-            )
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}", hint="use float32, float16 or bfloat16")
-    return _DTYPES[key]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for, but CUDA is not available", hint="use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device {device!r} asked for, but MPS is not available", hint="use --device cpu")
-    return dev
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A reward model's dtype; "auto" is float16 on CUDA and float32 elsewhere."""
+    return _resolve_dtype(dtype, device)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -159,10 +134,8 @@ class RewardModel:
         self.version = version
         self.source = str(source)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = int(batch_size)
-        if self.device.type == "cpu" and self.dtype == torch.float16:
-            warning_once(logger, "float16 on CPU is slow and less accurate than float32 or bfloat16")
 
     # -- what subclasses implement -------------------------------------------------------------
 

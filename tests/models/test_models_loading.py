@@ -12,7 +12,7 @@ import torch
 from ldm_convert import save_single_file, unet_to_ldm
 from safetensors.torch import save_file
 
-from smpo_cli.errors import AssetNotFoundError, ModelLoadError, SmpoError, UsageError
+from smpo_cli.errors import AssetNotFoundError, ModelLoadError, UsageError
 from smpo_cli.models.loading import (
     DiffusionComponents,
     detect_family,
@@ -197,7 +197,7 @@ def test_resolve_dtype_and_device_errors():
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     assert resolve_device("auto").type == expected
     if not torch.cuda.is_available():
-        with pytest.raises(SmpoError, match="CUDA"):
+        with pytest.raises(UsageError, match="CUDA"):
             resolve_device("cuda")
 
 
