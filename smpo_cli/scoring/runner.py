@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from smpo_cli.config.schema import ScoreRecipe
-from smpo_cli.errors import DataError, OutputDirError
+from smpo_cli.errors import DataError
 from smpo_cli.scoring.decode import PairDecoder, collate
 from smpo_cli.scoring.preference import (
     PICKSCORE_COSINE_R_MAX,
@@ -37,8 +37,9 @@ from smpo_cli.scoring.preference import (
     smoothed_p,
 )
 from smpo_cli.scoring.sources import Columns, PairSource, open_source, resolve_columns
-from smpo_cli.utils.atomic import atomic_path, write_json, write_text
+from smpo_cli.utils.atomic import atomic_path, write_json
 from smpo_cli.utils.logging import get_logger
+from smpo_cli.utils.shards import Shard, ShardStore, count_reasons
 
 logger = get_logger(__name__)
 ROW_COLUMN = "smpo_row"
@@ -76,25 +77,13 @@ def fingerprint(recipe: ScoreRecipe) -> dict[str, Any]:
     return {"data": data, "reward": reward}
 
 
+def _store(recipe: ScoreRecipe) -> ShardStore:
+    return ShardStore(Path(recipe.output_dir), "data", ".parquet")
+
+
 def resume_ok(recipe: ScoreRecipe) -> bool:
     """True when output_dir holds shards made with these settings (a rerun then resumes)."""
-    path = Path(recipe.output_dir) / "shards" / "fingerprint.json"
-    if not path.exists():
-        return False
-    old = json.loads(path.read_text(encoding="utf-8"))
-    new = fingerprint(recipe)
-    if old != new:
-        diff = [
-            f"{block}.{k}"
-            for block in ("data", "reward")
-            for k in sorted(set(old.get(block, {})) | set(new[block]))
-            if old.get(block, {}).get(k) != new[block].get(k)
-        ]
-        raise OutputDirError(
-            f"output_dir {recipe.output_dir} holds shards scored with other settings ({', '.join(diff)})",
-            hint="pass --overwrite to start again, or choose another output_dir",
-        )
-    return True
+    return _store(recipe).check_fingerprint(fingerprint(recipe), recipe.output_dir)
 
 
 def _choose_output(recipe: ScoreRecipe, reward) -> str:
@@ -131,14 +120,6 @@ def _resolve_device_dtype(recipe: ScoreRecipe, state) -> tuple[str, str]:
     return device, dtype
 
 
-def _reason_kind(reason: str) -> str:
-    text = reason.split(": ", 1)[1] if reason.startswith(("image_0: ", "image_1: ")) else reason
-    for kind in ("file not found", "cannot decode", "oversized", "decompression bomb", "missing image", "missing prompt"):
-        if kind in text:
-            return kind
-    return text.split(":")[0]
-
-
 # ----------------------------------------------------------------------------- one shard
 def _score_shard(
     k: int,
@@ -150,7 +131,7 @@ def _score_shard(
     reward,
     output: str,
     fixed: tuple[float, float] | None,
-    out_dir: Path,
+    store: ShardStore,
     progress,
     task,
 ) -> None:
@@ -216,40 +197,21 @@ def _score_shard(
     }
     out = out.replace_schema_metadata({**(out.schema.metadata or {}), METADATA_KEY: json.dumps(meta).encode()})
     counts = {"shard": k, "start": start, "stop": stop, "rows": n, "ties_dropped": int(is_tie.sum()),
-              "scored": int(len(keep)), "skipped": skipped}  # fmt: skip
-    write_json(out_dir / "shards" / f"part-{k:05d}.json", counts)
+              "kept": int(len(keep)), "skipped": skipped}  # fmt: skip
+    store.write_sidecar(k, counts)
     if len(keep) == 0:
         return  # an empty parquet file breaks `datasets`; the sidecar alone marks this shard done
-    with atomic_path(out_dir / "data" / f"part-{k:05d}.parquet", suffix=".parquet") as tmp:
+    with atomic_path(store.payload(k), suffix=".parquet") as tmp:
         pq.write_table(out, tmp)
 
 
 # ----------------------------------------------------------------------------- finalise
-def _shard_paths(out_dir: Path, k: int) -> tuple[Path, Path]:
-    return out_dir / "data" / f"part-{k:05d}.parquet", out_dir / "shards" / f"part-{k:05d}.json"
-
-
-def _shard_done(out_dir: Path, k: int) -> bool:
-    """Finished: its parquet exists (written last), or its sidecar says it kept no pair."""
-    parquet, sidecar = _shard_paths(out_dir, k)
-    if parquet.exists():
-        return sidecar.exists()
-    try:
-        return sidecar.exists() and json.loads(sidecar.read_text(encoding="utf-8"))["scored"] == 0
-    except (ValueError, KeyError):
-        return False
-
-
-def _nonempty(out_dir: Path, shards: list[int]) -> list[int]:
-    return [k for k in shards if _shard_paths(out_dir, k)[0].exists()]
-
-
-def _add_dataset_p(out_dir: Path, shards: list[int], prefix: str, output: str) -> dict[str, Any]:
+def _add_dataset_p(store: ShardStore, shards: list[int], prefix: str, output: str) -> dict[str, Any]:
     """Second pass for dataset normalisation: global min/max over both images, then p per shard."""
     cols = [f"{prefix}_{output}_0", f"{prefix}_{output}_1"]
     lo, hi = np.inf, -np.inf
     for k in shards:
-        t = pq.read_table(_shard_paths(out_dir, k)[0], columns=cols)
+        t = pq.read_table(store.payload(k), columns=cols)
         for c in cols:
             v = t.column(c).to_numpy()
             if v.size:
@@ -260,7 +222,7 @@ def _add_dataset_p(out_dir: Path, shards: list[int], prefix: str, output: str) -
             hint="score more pairs, or set reward.r_min/reward.r_max",
         )
     for k in shards:
-        path = _shard_paths(out_dir, k)[0]
+        path = store.payload(k)
         table = pq.read_table(path)
         meta = json.loads(table.schema.metadata[METADATA_KEY])
         if meta.get("normalization") == {"r_min": lo, "r_max": hi}:
@@ -277,27 +239,24 @@ def _add_dataset_p(out_dir: Path, shards: list[int], prefix: str, output: str) -
     return {"mode": "dataset", "r_min": lo, "r_max": hi}
 
 
-def _finalise(out_dir: Path, shards: list[int], cols: Columns, reward_meta: dict, output: str,
+def _finalise(store: ShardStore, shards: list[Shard], cols: Columns, reward_meta: dict, output: str,
               fixed: tuple[float, float] | None) -> dict[str, Any]:  # fmt: skip
     prefix = reward_meta["name"]
+    with_rows = [s.index for s in shards if store.has_payload(s.index)]
     if fixed is None:
-        normalization = _add_dataset_p(out_dir, _nonempty(out_dir, shards), prefix, output)
+        normalization = _add_dataset_p(store, with_rows, prefix, output)
     else:
         normalization = {"mode": "fixed", "r_min": fixed[0], "r_max": fixed[1]}
     rows = ties = scored = 0
-    skipped: list[dict] = []
     winners, humans, ps = [], [], []
-    for k in shards:
-        parquet, sidecar = _shard_paths(out_dir, k)
-        counts = json.loads(sidecar.read_text(encoding="utf-8"))
+    for shard in shards:
+        counts = store.read_sidecar(shard.index) or {}
         rows += counts["rows"]
         ties += counts["ties_dropped"]
-        scored += counts["scored"]
-        skipped.extend(counts["skipped"])
-        if not parquet.exists():
-            continue
+        scored += counts["kept"]
+    for k in with_rows:
         wanted = [f"{prefix}_winner", f"{prefix}_p"] + ([cols.label] if cols.label else [])
-        t = pq.read_table(parquet, columns=wanted)
+        t = pq.read_table(store.payload(k), columns=wanted)
         winners.append(t.column(f"{prefix}_winner").to_numpy())
         ps.append(t.column(f"{prefix}_p").to_numpy())
         if cols.label:
@@ -312,16 +271,12 @@ def _finalise(out_dir: Path, shards: list[int], cols: Columns, reward_meta: dict
             "labelled_pairs": int(labelled.sum()),
             "reward_agrees_with_human": float((winner[labelled] == human[labelled]).mean()) if labelled.any() else None,
         }
-    write_text(out_dir / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
-    by_reason: dict[str, int] = {}
-    for s in skipped:
-        kind = _reason_kind(s["reason"])
-        by_reason[kind] = by_reason.get(kind, 0) + 1
+    skipped = store.merge_skipped(shards)
     return {
         "rows": rows,
         "ties_dropped": ties,
         "scored": scored,
-        "skipped": by_reason,
+        "skipped": count_reasons(skipped),
         "normalization": normalization,
         "agreement": agreement,
         "p": p_distribution(p),
@@ -346,11 +301,12 @@ def run_scoring(recipe: ScoreRecipe) -> ScoreResult:
     n = min(source.num_rows, d.limit) if d.limit else source.num_rows
     if n == 0:
         raise DataError(f"data.path {recipe.data.path}: the dataset has no rows")
-    bounds = [(k, s, min(s + d.rows_per_shard, n)) for k, s in enumerate(range(0, n, d.rows_per_shard))]
+    store = _store(recipe)
+    shards = store.plan(n, d.rows_per_shard)
     if state.is_main_process:
-        write_json(out_dir / "shards" / "fingerprint.json", fingerprint(recipe))
-    done = {k for k, _, _ in bounds if _shard_done(out_dir, k)}
-    mine = [b for b in bounds if b[0] % state.num_processes == state.process_index and b[0] not in done]
+        store.write_fingerprint(fingerprint(recipe))
+    done = {s.index for s in shards if store.is_done(s.index)}
+    mine = [s for s in store.mine(shards, state.process_index, state.num_processes) if s.index not in done]
     device, dtype = _resolve_device_dtype(recipe, state)
     reward = load_reward(
         recipe.reward.name, recipe.reward.path, device=device, dtype=dtype,
@@ -360,23 +316,24 @@ def run_scoring(recipe: ScoreRecipe) -> ScoreResult:
     fixed = _fixed_range(recipe, output)
     logger.info(
         "scoring %d pairs in %d shards (%d already done) with %s (%s, output %s) on %s/%s",
-        n, len(bounds), len(done), reward.name, reward.version, output, device, dtype,
+        n, len(shards), len(done), reward.name, reward.version, output, device, dtype,
     )  # fmt: skip
-    todo_pairs = sum(stop - start for _, start, stop in mine)
+    todo_pairs = sum(s.stop - s.start for s in mine)
     rate = TextColumn("{task.fields[rate]}")
     t0 = time.perf_counter()
     with make_progress(rate) as progress:
         task = progress.add_task(f"score {reward.name}", total=todo_pairs, rate="")
-        for k, start, stop in mine:
-            _score_shard(k, start, stop, source, cols, recipe, reward, output, fixed, out_dir, progress, task)
+        for shard in mine:
+            _score_shard(shard.index, shard.start, shard.stop, source, cols, recipe, reward, output, fixed, store,
+                         progress, task)  # fmt: skip
             pairs = progress.tasks[task].completed
             progress.update(task, rate=f"{pairs / max(time.perf_counter() - t0, 1e-9):.1f} pairs/s")
     scoring_seconds = time.perf_counter() - t0
     state.wait_for_everyone()
     if not state.is_main_process:
-        return ScoreResult(str(out_dir), n, 0, 0, {}, len(bounds), len(done), reward.metadata, output, {}, {}, {},
+        return ScoreResult(str(out_dir), n, 0, 0, {}, len(shards), len(done), reward.metadata, output, {}, {}, {},
                            time.perf_counter() - started, todo_pairs / max(scoring_seconds, 1e-9))  # fmt: skip
-    summary = _finalise(out_dir, [k for k, _, _ in bounds], cols, reward.metadata, output, fixed)
+    summary = _finalise(store, shards, cols, reward.metadata, output, fixed)
     prefix = reward.name
     result = ScoreResult(
         output_dir=str(out_dir),
@@ -384,7 +341,7 @@ def run_scoring(recipe: ScoreRecipe) -> ScoreResult:
         scored=summary["scored"],
         ties_dropped=summary["ties_dropped"],
         skipped=summary["skipped"],
-        shards=len(bounds),
+        shards=len(shards),
         shards_resumed=len(done),
         reward=reward.metadata,
         output=output,
