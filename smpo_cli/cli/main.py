@@ -14,6 +14,7 @@ import typer
 
 from smpo_cli import __version__
 from smpo_cli.cli import env as env_cmd
+from smpo_cli.cli import invert as invert_cmd
 from smpo_cli.cli import recipe as recipe_cmd
 from smpo_cli.cli import score as score_cmd
 from smpo_cli.cli import selftest as selftest_cmd
@@ -69,6 +70,7 @@ def root(
 
 
 app.command(name="score", epilog=score_cmd.EPILOG)(score_cmd.score)
+app.command(name="invert", epilog=invert_cmd.EPILOG)(invert_cmd.invert)
 app.add_typer(recipe_cmd.app, name="recipe")
 app.command(name="env", epilog=env_cmd.EPILOG)(env_cmd.env)
 app.command(name="selftest", epilog=selftest_cmd.EPILOG)(selftest_cmd.selftest)

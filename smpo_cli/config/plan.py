@@ -88,6 +88,16 @@ def plan_lines(recipe: BaseModel) -> list[tuple[str, str]]:
             norm = f"fixed r_min={lo}, r_max={hi}"
         lines.append(("ok", f"p from {output}, normalisation: {norm}"))
         lines.append(("ok", f"shards of {data.data.rows_per_shard} rows; ties {'dropped' if data.data.drop_ties else 'kept'}"))
+    if data.stage == "invert":
+        inv = data.inversion
+        steps = f"{inv.num_steps}-level grid"
+        how = "DDIM" if inv.method == "ddim" else f"ReNoise, {inv.renoise_iterations} iteration(s), window {inv.average_window}"
+        lines.append(("ok", f"inversion: {how}, {steps}, levels {inv.levels}"))
+        from smpo_cli.inversion.storage import storage_per_pair
+
+        per_pair, where = storage_per_pair(recipe)
+        lines.append(("ok", f"training cache (pairs layout): {per_pair / 1024:.1f} KiB per pair in {inv.cache_dtype}, "
+                            f"{per_pair * 1e6 / 2**30:.1f} GiB per million pairs (latent size from {where})"))  # fmt: skip
     if data.stage == "train":
         t, o = data.train, data.optim
         per_process = t.batch_size * t.grad_accum_steps

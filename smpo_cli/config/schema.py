@@ -279,6 +279,77 @@ class ScoreRecipe(Block):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
 
+# ----------------------------------------------------------------------------- invert stage
+class InvertDataSpec(Block):
+    """Images with prompts to invert, or scored pairs to cache for training."""
+
+    path: str = Field(
+        description="JSONL/CSV with image + prompt columns, a folder of images with metadata.jsonl (file_name, "
+        "prompt), or a scored pair dataset (smpo score output: the training cache)."
+    )
+    split: str | None = Field(None, description="Split of a multi-split folder.")
+    layout: Literal["auto", "images", "pairs"] = Field(
+        "auto", description="images: one image per row | pairs: image_0/image_1 (or jpg_0/jpg_1) per row."
+    )
+    image_column: str | None = Field(None, description="images layout: the image column (default image or file_name).")
+    prompt_column: str | None = Field(None, description="The prompt column (default prompt, caption or text).")
+    resolution: PositiveInt = Field(512, description="Resize the shorter side and centre-crop to this size.")
+    limit: PositiveInt | None = Field(None, description="Invert only the first N rows.")
+    max_image_pixels: PositiveInt = Field(50_000_000, description="Refuse (skip) images larger than this.")
+    rows_per_shard: PositiveInt = Field(256, description="Rows per shard: the unit of resumption.")
+    num_workers: NonNegInt = Field(2, description="Image-decoding worker processes.")
+
+
+class InvertMethodSpec(Block):
+    """The inversion: DDIM or ReNoise, its grid and the levels to reach."""
+
+    method: Literal["ddim", "renoise"] = Field("renoise", description="ddim | renoise (SmPO's trajectory estimate).")
+    num_steps: PositiveInt = Field(10, description="DDIM grid steps over [0, 1000) (trailing spacing).")
+    renoise_iterations: NonNegInt = Field(1, description="ReNoise fixed-point iterations per inverse step.")
+    average_window: PositiveInt = Field(2, description="Average the last N noise predictions of each step.")
+    first_prediction: Literal["source", "target"] = Field(
+        "source", description="Timestep label of each step's first noise estimate (diffusers' inverse scheduler: target)."
+    )
+    noise_regularization: bool = Field(False, description="ReNoise's auto-correlation + KL noise regularisation.")
+    lambda_ac: float = Field(20.0, ge=0, description="Auto-correlation weight (noise_regularization).")
+    lambda_kl: float = Field(0.065, ge=0, description="Patch-KL weight (noise_regularization; 0 disables it).")
+    reg_steps: NonNegInt = Field(4, description="Regularisation gradient steps per estimate.")
+    guidance_scale: float | None = Field(None, gt=0, description="Classifier-free guidance during inversion (null: none).")
+    levels: list[Annotated[int, Field(ge=0, le=999)]] = Field(
+        default_factory=lambda: [999],
+        description="Timesteps to invert to. images: the highest is inverted and reconstructed; pairs: every "
+        "level is cached (training samples t among them).",
+    )
+    batch_size: PositiveInt = Field(4, description="Images per UNet batch (a pair counts 2).")
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Storage dtype of cached latents (pairs layout)."
+    )
+
+    @model_validator(mode="after")
+    def _levels(self) -> InvertMethodSpec:
+        if not self.levels:
+            raise ValueError("inversion.levels must name at least one timestep")
+        if len(set(self.levels)) != len(self.levels):
+            raise ValueError("inversion.levels must not repeat a timestep")
+        if self.average_window > self.renoise_iterations + 1 and self.method == "renoise":
+            raise ValueError("inversion.average_window must be <= inversion.renoise_iterations + 1")
+        return self
+
+
+class InvertRecipe(Block):
+    """``smpo invert``: ReNoise/DDIM inversion of images, or the SmPO training cache of scored pairs."""
+
+    stage: Literal["invert"] = "invert"
+    schema_version: int = SCHEMA_VERSION
+    seed: int = Field(0, description="Seed of the regularisation noise.")
+    output_dir: str = Field(description="Output folder; a rerun with the same recipe resumes it.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (under accelerate: each process its own).")
+    model: ModelSpec = Field(description="The (reference) model that inverts.")
+    data: InvertDataSpec
+    inversion: InvertMethodSpec = Field(default_factory=InvertMethodSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+
 # ----------------------------------------------------------------------------- registry
-Recipe = ScoreRecipe | TrainRecipe
-STAGE_SCHEMAS: dict[str, type[Block]] = {"score": ScoreRecipe, "train": TrainRecipe}
+Recipe = ScoreRecipe | InvertRecipe | TrainRecipe
+STAGE_SCHEMAS: dict[str, type[Block]] = {"score": ScoreRecipe, "invert": InvertRecipe, "train": TrainRecipe}

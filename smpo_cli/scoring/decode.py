@@ -56,38 +56,39 @@ def open_image(value: Any, base_dir: Path, max_pixels: int = DEFAULT_MAX_PIXELS)
 
 
 @dataclass
-class DecodedPair:
+class DecodedRow:
     row: int  # index inside the shard
-    image_0: Image.Image | None
-    image_1: Image.Image | None
+    images: list[Image.Image] | None  # one per image column, None when skipped
     prompt: str
     skip_reason: str | None = None
 
 
-class PairDecoder:
-    """Map-style dataset over one shard: row -> DecodedPair (runs in DataLoader workers)."""
+class RowDecoder:
+    """Map-style dataset over one shard: row -> DecodedRow (runs in DataLoader workers).
 
-    def __init__(self, images_0: list, images_1: list, prompts: list, base_dir: Path, max_pixels: int) -> None:
-        self.images_0, self.images_1, self.prompts = images_0, images_1, prompts
+    ``columns`` holds one list of image values per image column (two for a pair); a bad image in
+    any column skips the whole row, with the column's name in the reason.
+    """
+
+    def __init__(self, columns: list[list], names: list[str], prompts: list, base_dir: Path, max_pixels: int) -> None:
+        self.columns, self.names, self.prompts = columns, names, prompts
         self.base_dir, self.max_pixels = base_dir, max_pixels
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def __getitem__(self, i: int) -> DecodedPair:
+    def __getitem__(self, i: int) -> DecodedRow:
         prompt = self.prompts[i]
         if not isinstance(prompt, str):
-            return DecodedPair(i, None, None, "", "missing prompt")
-        try:
-            img0 = open_image(self.images_0[i], self.base_dir, self.max_pixels)
-        except SkipPair as exc:
-            return DecodedPair(i, None, None, prompt, f"image_0: {exc}")
-        try:
-            img1 = open_image(self.images_1[i], self.base_dir, self.max_pixels)
-        except SkipPair as exc:
-            return DecodedPair(i, None, None, prompt, f"image_1: {exc}")
-        return DecodedPair(i, img0, img1, prompt)
+            return DecodedRow(i, None, "", "missing prompt")
+        images = []
+        for name, column in zip(self.names, self.columns, strict=True):
+            try:
+                images.append(open_image(column[i], self.base_dir, self.max_pixels))
+            except SkipPair as exc:
+                return DecodedRow(i, None, prompt, f"{name}: {exc}")
+        return DecodedRow(i, images, prompt)
 
 
-def collate(items: list[DecodedPair]) -> list[DecodedPair]:
+def collate(items: list[DecodedRow]) -> list[DecodedRow]:
     return items

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from smpo_cli.config.schema import ScoreRecipe
 from smpo_cli.errors import DataError
-from smpo_cli.scoring.decode import PairDecoder, collate
+from smpo_cli.scoring.decode import RowDecoder, collate
 from smpo_cli.scoring.preference import (
     PICKSCORE_COSINE_R_MAX,
     PICKSCORE_COSINE_R_MIN,
@@ -144,9 +144,9 @@ def _score_shard(
         labels = np.asarray(table.column(cols.label).to_numpy(zero_copy_only=False), dtype=np.float64)
     is_tie = (labels == TIE_LABEL) if (labels is not None and recipe.data.drop_ties) else np.zeros(n, dtype=bool)
     todo = np.flatnonzero(~is_tie)
-    decoder = PairDecoder(
-        table.column(cols.image_0).to_pylist(),
-        table.column(cols.image_1).to_pylist(),
+    decoder = RowDecoder(
+        [table.column(cols.image_0).to_pylist(), table.column(cols.image_1).to_pylist()],
+        ["image_0", "image_1"],
         table.column(cols.prompt).to_pylist(),
         source.base_dir,
         recipe.data.max_image_pixels,
@@ -167,7 +167,7 @@ def _score_shard(
                 skipped.append({"row": start + d.row, "shard": k, "reason": d.skip_reason})
         if valid:
             out_a, out_b = reward.score_pairs(
-                [d.image_0 for d in valid], [d.image_1 for d in valid], [d.prompt for d in valid]
+                [d.images[0] for d in valid], [d.images[1] for d in valid], [d.prompt for d in valid]
             )
             rows = np.array([d.row for d in valid])
             for name in reward.output_names:

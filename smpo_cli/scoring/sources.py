@@ -7,6 +7,8 @@
   be added to the first one's output.
 * Generic pairs: JSONL / JSON / CSV with two image paths (relative to the file) and a prompt, and
   optionally a human label (``label_0`` semantics: 1, 0, or 0.5 for a tie).
+* An image folder with ``metadata.jsonl`` / ``metadata.csv`` (the HF imagefolder layout: paths in
+  ``file_name``, relative to the folder).
 
 Every source exposes ``num_rows``, ``column_names`` and ``read(start, stop) -> pyarrow.Table``.
 """
@@ -136,6 +138,9 @@ def open_source(path_str: str, split: str | None = None) -> PairSource:
         return _open_hf_folder(path, split)
     if path.is_file() and path.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):
         return TableSource(_read_pairs_file(path), path, path.parent)
+    for name in ("metadata.jsonl", "metadata.csv"):  # an image folder (HF imagefolder layout)
+        if path.is_dir() and (path / name).is_file():
+            return TableSource(_read_pairs_file(path / name), path, path)
     files = _parquet_files(path)
     if split and not path.is_file() and not is_glob:
         in_split = [f for f in files if split in f.relative_to(path).parts or f.name.startswith(f"{split}-")]

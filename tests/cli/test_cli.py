@@ -108,7 +108,7 @@ def test_recipe_validate_unknown_stage(tmp_path, capsys):
 
 def test_import_hygiene_no_torch_at_cli_import():
     code = (
-        "import sys, smpo_cli.cli.main, smpo_cli.config, smpo_cli.config.plan; "
+        "import sys, smpo_cli.cli.main, smpo_cli.config, smpo_cli.config.plan, smpo_cli.inversion.storage, smpo_cli.models.tiny; "
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'datasets') if m in sys.modules]; "
         "print(','.join(heavy))"
     )

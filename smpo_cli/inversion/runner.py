@@ -1,0 +1,432 @@
+"""``run_inversion(recipe)``: ``smpo invert``.
+
+Two uses of one pipeline (decode -> resize/crop -> VAE encode -> prompt encode -> invert):
+
+* **images** (a tool, e.g. for editing): each image is inverted to the highest of
+  ``inversion.levels``, sampled back with DDIM along the same levels and decoded. Writes
+  ``noise/<id>.safetensors`` (the inverted latent, settings in its metadata),
+  ``reconstruction/<id>.png`` and ``results.jsonl`` (reconstruction PSNR, the VAE-only PSNR that
+  bounds it, latent error), plus ``summary.json``.
+* **pairs** (the SmPO training cache): for every pair of a scored dataset, both images' clean
+  latents and their inversions to every level, in ``cache/part-K.safetensors`` shards that
+  ``InversionCache`` reads with random access.
+
+Shards are atomic and resumable, and split across processes under ``accelerate launch``, exactly as
+in ``smpo score``; a corrupt image skips its whole row, recorded in ``skipped.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smpo_cli.config.schema import InvertRecipe
+from smpo_cli.errors import DataError
+from smpo_cli.inversion.cache import CACHE_DIR
+from smpo_cli.inversion.storage import storage_per_pair
+from smpo_cli.scoring.decode import RowDecoder, collate
+from smpo_cli.scoring.sources import LAYOUTS, PairSource, open_source
+from smpo_cli.utils.atomic import atomic_path, write_json, write_text
+from smpo_cli.utils.logging import get_logger
+from smpo_cli.utils.shards import Shard, ShardStore, count_reasons
+
+logger = get_logger(__name__)
+ROW_COLUMN = "smpo_row"
+PROMPT_COLUMNS = ("prompt", "caption", "text")
+IMAGE_COLUMNS = ("image", "file_name", "path")
+
+
+@dataclass
+class InvertResult:
+    output_dir: str
+    layout: str
+    rows: int
+    inverted: int
+    skipped: dict[str, int]
+    shards: int
+    shards_resumed: int
+    levels: list[int]
+    unet_calls_per_image: float
+    images_per_second: float
+    seconds: float
+    storage_bytes_per_pair: int | None = None
+    reconstruction: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- settings
+def fingerprint(recipe: InvertRecipe) -> dict[str, Any]:
+    data = recipe.data.model_dump(mode="json", exclude={"num_workers"})
+    data["path"] = str(Path(recipe.data.path).expanduser().resolve())
+    inv = recipe.inversion.model_dump(mode="json", exclude={"batch_size"})
+    return {
+        "data": data,
+        "inversion": inv,
+        "model": recipe.model.model_dump(mode="json"),
+        "seed": recipe.seed,
+    }
+
+
+def _layout(recipe: InvertRecipe, source: PairSource) -> str:
+    if recipe.data.layout != "auto":
+        return recipe.data.layout
+    names = source.column_names
+    pair = any(v["image_0"] in names and v["image_1"] in names for v in LAYOUTS.values())
+    return "pairs" if pair else "images"
+
+
+def _store(recipe: InvertRecipe, layout: str) -> ShardStore:
+    if layout == "pairs":
+        return ShardStore(Path(recipe.output_dir), CACHE_DIR, ".safetensors")
+    return ShardStore(Path(recipe.output_dir), "results", ".jsonl")
+
+
+def resume_ok(recipe: InvertRecipe) -> bool:
+    """True when output_dir holds shards made with these settings (a rerun then resumes)."""
+    store = ShardStore(Path(recipe.output_dir), "results", ".jsonl")  # fingerprint lives in shards/ for both
+    return store.check_fingerprint(fingerprint(recipe), recipe.output_dir)
+
+
+def _columns(recipe: InvertRecipe, source: PairSource, layout: str) -> tuple[list[str], str]:
+    names = source.column_names
+    d = recipe.data
+
+    def pick(explicit: str | None, options: tuple[str, ...], what: str) -> str:
+        if explicit:
+            if explicit not in names:
+                raise DataError(
+                    f"{source.path}: no column {explicit!r} ({what}); columns found: {', '.join(names)}"
+                )
+            return explicit
+        found = next((c for c in options if c in names), None)
+        if found is None:
+            raise DataError(
+                f"{source.path}: no {what} column (looked for {', '.join(options)}); columns found: {', '.join(names)}",
+                hint=f"name it with data.{'prompt' if what == 'prompt' else 'image'}_column=...",
+            )
+        return found
+
+    if layout == "pairs":
+        layout_cols = (
+            next(v for v in LAYOUTS.values() if v["image_0"] in names and v["image_1"] in names)
+            if any(v["image_0"] in names for v in LAYOUTS.values())
+            else None
+        )
+        if layout_cols is None:
+            raise DataError(
+                f"{source.path}: no image_0/image_1 (or jpg_0/jpg_1) columns; columns found: {', '.join(names)}"
+            )
+        prompt = pick(d.prompt_column, (layout_cols["prompt"], *PROMPT_COLUMNS), "prompt")
+        return [layout_cols["image_0"], layout_cols["image_1"]], prompt
+    return [pick(d.image_column, IMAGE_COLUMNS, "image")], pick(d.prompt_column, PROMPT_COLUMNS, "prompt")
+
+
+def _safe_id(value: Any, row: int) -> str:
+    text = Path(str(value)).stem if value is not None else ""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:80]
+    return f"{row:06d}" + (f"_{text}" if text else "")
+
+
+# ----------------------------------------------------------------------------- the work
+class _Inverter:
+    def __init__(self, recipe: InvertRecipe, comps) -> None:
+        from smpo_cli.inversion.renoise import NoiseRegularization
+        from smpo_cli.inversion.schedule import NoiseSchedule, inversion_grid
+
+        self.recipe, self.comps = recipe, comps
+        inv = recipe.inversion
+        self.schedule = NoiseSchedule.from_scheduler(comps.scheduler, comps.prediction_type)
+        self.grid = sorted(
+            set(inversion_grid(inv.num_steps, self.schedule.num_train_timesteps)) | set(inv.levels)
+        )
+        self.reg = (
+            NoiseRegularization(lambda_ac=inv.lambda_ac, lambda_kl=inv.lambda_kl, num_reg_steps=inv.reg_steps)
+            if inv.noise_regularization
+            else None
+        )
+        self.generator = torch.Generator().manual_seed(recipe.seed)
+        self.uncond = None
+        if inv.guidance_scale is not None:
+            from smpo_cli.models.conditioning import encode_prompts
+
+            self.uncond = encode_prompts(comps, [""])
+        self.noise_estimates = 0  # UNet evaluations, counted per image (a batch of 4 counts 4)
+        self.images = 0  # images inverted by this process
+
+    def cond(self, prompts: list[str], sizes: list[tuple[int, int]], crops: list[tuple[int, int]]):
+        from smpo_cli.models.conditioning import encode_prompts
+
+        res = self.recipe.data.resolution
+        kwargs = {}
+        if self.comps.family == "sdxl":
+            kwargs = {"original_sizes": sizes, "crop_coords": crops, "target_size": (res, res)}
+        return encode_prompts(self.comps, prompts, **kwargs)
+
+    def invert(self, x0: torch.Tensor, cond, t: int, trajectory: bool):
+        from smpo_cli.inversion.ddim import ddim_invert
+        from smpo_cli.inversion.renoise import renoise_invert
+
+        inv = self.recipe.inversion
+        common = dict(schedule=self.schedule, grid=self.grid, first_prediction=inv.first_prediction,
+                      guidance_scale=inv.guidance_scale, uncond=self.uncond.expand(len(x0)) if self.uncond else None,
+                      return_trajectory=trajectory)  # fmt: skip
+        ts = torch.full((len(x0),), t, dtype=torch.long)
+        if inv.method == "ddim":
+            out = ddim_invert(self.comps.unet, x0, cond, ts, **common)
+        else:
+            out = renoise_invert(self.comps.unet, x0, cond, ts, renoise_iterations=inv.renoise_iterations,
+                                 average_window=inv.average_window, regularization=self.reg,
+                                 generator=self.generator, **common)  # fmt: skip
+        self.noise_estimates += int(out.nfe.sum())
+        self.images += len(x0)
+        return out
+
+    def sample_back(self, x_t: torch.Tensor, cond, t: int) -> torch.Tensor:
+        from smpo_cli.inversion.ddim import ddim_sample
+
+        inv = self.recipe.inversion
+        out = ddim_sample(self.comps.unet, x_t, cond, torch.full((len(x_t),), t, dtype=torch.long),
+                          schedule=self.schedule, grid=self.grid, guidance_scale=inv.guidance_scale,
+                          uncond=self.uncond.expand(len(x_t)) if self.uncond else None)  # fmt: skip
+        self.noise_estimates += int(out.nfe.sum())
+        return out.latents
+
+
+def _decoded_batches(
+    recipe: InvertRecipe, source: PairSource, shard: Shard, image_cols: list[str], prompt_col: str
+):
+    table = source.read(shard.start, shard.stop)
+    decoder = RowDecoder(
+        [table.column(c).to_pylist() for c in image_cols],
+        ["image_0", "image_1"] if len(image_cols) == 2 else ["image"],
+        table.column(prompt_col).to_pylist(),
+        source.base_dir,
+        recipe.data.max_image_pixels,
+    )
+    rows_per_batch = max(1, recipe.inversion.batch_size // len(image_cols))
+    loader = torch.utils.data.DataLoader(
+        decoder, batch_size=rows_per_batch, collate_fn=collate,
+        num_workers=recipe.data.num_workers if len(decoder) > rows_per_batch else 0,
+    )  # fmt: skip
+    return table, loader
+
+
+def _prepare(batch, resolution: int):
+    from smpo_cli.models.vae import preprocess
+
+    pixels, sizes, crops, prompts = [], [], [], []
+    for item in batch:
+        for img in item.images:
+            pre = preprocess(img, resolution)
+            pixels.append(pre.pixels)
+            sizes.append(pre.original_size)
+            crops.append(pre.crop_top_left)
+            prompts.append(item.prompt)
+    return torch.stack(pixels), sizes, crops, prompts
+
+
+def _images_shard(
+    inverter: _Inverter, recipe, source, shard, cols, prompt_col, store: ShardStore, progress, task
+):
+    from safetensors.torch import save_file
+
+    from smpo_cli.models import vae as vae_ops
+
+    comps, res = inverter.comps, recipe.data.resolution
+    t = max(recipe.inversion.levels)
+    table, loader = _decoded_batches(recipe, source, shard, cols, prompt_col)
+    ids = table.column("id").to_pylist() if "id" in table.column_names else table.column(cols[0]).to_pylist()
+    out_dir = Path(recipe.output_dir)
+    results, skipped = [], []
+    settings = json.dumps(
+        {"model": recipe.model.pretrained, "t": t, **recipe.inversion.model_dump(mode="json")}
+    )
+    for batch in loader:
+        valid = [b for b in batch if b.skip_reason is None]
+        skipped += [
+            {"row": shard.start + b.row, "shard": shard.index, "reason": b.skip_reason}
+            for b in batch
+            if b.skip_reason
+        ]
+        if valid:
+            pixels, sizes, crops, prompts = _prepare(valid, res)
+            x0 = vae_ops.encode(comps.vae, pixels)
+            cond = inverter.cond(prompts, sizes, crops)
+            inverted = inverter.invert(x0, cond, t, trajectory=False)
+            x0_rec = inverter.sample_back(inverted.latents, cond, t)
+            rec = vae_ops.decode(comps.vae, x0_rec).cpu()
+            vae_only = vae_ops.decode(comps.vae, x0).cpu()
+            psnr, vae_psnr = vae_ops.psnr(rec, pixels), vae_ops.psnr(vae_only, pixels)
+            latent_mse = ((x0_rec.cpu() - x0.cpu()) ** 2).flatten(1).mean(1)
+            for j, item in enumerate(valid):
+                row = shard.start + item.row
+                name = _safe_id(ids[item.row], row)
+                noise_path = out_dir / "noise" / f"{name}.safetensors"
+                recon_path = out_dir / "reconstruction" / f"{name}.png"
+                with atomic_path(noise_path, suffix=".safetensors") as tmp:
+                    save_file({"latents": inverted.latents[j : j + 1].cpu().contiguous()}, str(tmp),
+                              metadata={"smpo": settings, "prompt": item.prompt, "timestep": str(t)})  # fmt: skip
+                with atomic_path(recon_path, suffix=".png") as tmp:
+                    vae_ops.to_pil(rec[j : j + 1])[0].save(tmp, format="PNG")
+                results.append({
+                    "row": row, "id": name, "prompt": item.prompt, "timestep": t,
+                    "psnr_db": round(float(psnr[j]), 4), "vae_psnr_db": round(float(vae_psnr[j]), 4),
+                    "latent_mse": float(latent_mse[j]),
+                    "noise_std": float(inverted.latents[j].std()),
+                    "noise": str(noise_path.relative_to(out_dir)), "reconstruction": str(recon_path.relative_to(out_dir)),
+                })  # fmt: skip
+        progress.update(task, advance=len(batch))
+    store.write_sidecar(shard.index, {"shard": shard.index, "start": shard.start, "stop": shard.stop,
+                                      "rows": table.num_rows, "kept": len(results), "skipped": skipped})  # fmt: skip
+    if results:
+        write_text(store.payload(shard.index), "".join(json.dumps(r) + "\n" for r in results))
+
+
+def _pairs_shard(
+    inverter: _Inverter, recipe, source, shard, cols, prompt_col, store: ShardStore, progress, task
+):
+    from safetensors.torch import save_file
+
+    from smpo_cli.models import vae as vae_ops
+
+    comps, res, levels = inverter.comps, recipe.data.resolution, list(recipe.inversion.levels)
+    t = max(levels)
+    table, loader = _decoded_batches(recipe, source, shard, cols, prompt_col)
+    row_ids = table.column(ROW_COLUMN).to_pylist() if ROW_COLUMN in table.column_names else None
+    dtype = getattr(torch, recipe.inversion.cache_dtype)
+    parts: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("latents", "inverted", "rows", "original_size", "crop_top_left")
+    }
+    skipped = []
+    for batch in loader:
+        valid = [b for b in batch if b.skip_reason is None]
+        skipped += [
+            {"row": shard.start + b.row, "shard": shard.index, "reason": b.skip_reason}
+            for b in batch
+            if b.skip_reason
+        ]
+        if valid:
+            pixels, sizes, crops, prompts = _prepare(valid, res)  # image_0, image_1 of each pair, interleaved
+            x0 = vae_ops.encode(comps.vae, pixels)
+            cond = inverter.cond(prompts, sizes, crops)
+            out = inverter.invert(x0, cond, t, trajectory=True)
+            per_level = []
+            for traj in out.trajectory:
+                where = {lvl: i for i, lvl in enumerate(traj.levels)}
+                per_level.append(torch.stack([traj.latents[where[lvl]] for lvl in levels]))
+            inverted = torch.stack(per_level)  # (2n, L, C, h, w)
+            n = len(valid)
+            parts["latents"].append(x0.cpu().reshape(n, 2, *x0.shape[1:]).to(dtype))
+            parts["inverted"].append(inverted.cpu().reshape(n, 2, *inverted.shape[1:]).to(dtype))
+            rows = [shard.start + b.row for b in valid]
+            parts["rows"].append(
+                torch.tensor([row_ids[b.row] if row_ids else r for b, r in zip(valid, rows, strict=True)])
+            )
+            parts["original_size"].append(torch.tensor(sizes).reshape(n, 2, 2))
+            parts["crop_top_left"].append(torch.tensor(crops).reshape(n, 2, 2))
+        progress.update(task, advance=len(batch))
+    kept = sum(len(r) for r in parts["rows"])
+    store.write_sidecar(shard.index, {"shard": shard.index, "start": shard.start, "stop": shard.stop,
+                                      "rows": table.num_rows, "kept": kept, "skipped": skipped})  # fmt: skip
+    if kept:
+        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+        meta = {"levels": levels, "resolution": res, "model": recipe.model.model_dump(mode="json"),
+                "inversion": recipe.inversion.model_dump(mode="json"), "family": comps.family,
+                "prediction_type": comps.prediction_type}  # fmt: skip
+        with atomic_path(store.payload(shard.index), suffix=".safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"smpo": json.dumps(meta)})
+
+
+def run_inversion(recipe: InvertRecipe) -> InvertResult:
+    """Invert ``recipe.data`` (images or pairs) with ``recipe.model``; see the module docstring."""
+    from accelerate import PartialState
+    from rich.progress import TextColumn
+
+    from smpo_cli.models import load_components
+    from smpo_cli.utils.progress import make_progress
+
+    started = time.perf_counter()
+    state = PartialState()
+    source = open_source(recipe.data.path, recipe.data.split)
+    layout = _layout(recipe, source)
+    cols, prompt_col = _columns(recipe, source, layout)
+    n = min(source.num_rows, recipe.data.limit) if recipe.data.limit else source.num_rows
+    if n == 0:
+        raise DataError(f"data.path {recipe.data.path}: the dataset has no rows")
+    store = _store(recipe, layout)
+    shards = store.plan(n, recipe.data.rows_per_shard)
+    if state.is_main_process:
+        store.write_fingerprint(fingerprint(recipe))
+    done = {s.index for s in shards if store.is_done(s.index)}
+    mine = [s for s in store.mine(shards, state.process_index, state.num_processes) if s.index not in done]
+    device = (
+        str(state.device)
+        if state.distributed_type.value != "NO" or recipe.device == "auto"
+        else recipe.device
+    )
+    m = recipe.model
+    comps = load_components(m.pretrained, family=m.family, vae=m.vae, unet=m.unet, config=m.config,
+                            revision=m.revision, variant=m.variant, dtype=m.dtype, device=device)  # fmt: skip
+    for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    inverter = _Inverter(recipe, comps)
+    per_row = 2 if layout == "pairs" else 1
+    todo = sum(s.stop - s.start for s in mine)
+    logger.info("inverting %d %s in %d shards (%d done) with %s to levels %s on %s",
+                n, layout, len(shards), len(done), recipe.inversion.method, recipe.inversion.levels, comps.device)  # fmt: skip
+    work = _pairs_shard if layout == "pairs" else _images_shard
+    t0 = time.perf_counter()
+    rate = TextColumn("{task.fields[rate]}")
+    with make_progress(rate) as progress:
+        task = progress.add_task(f"invert {layout}", total=todo, rate="")
+        for shard in mine:
+            work(inverter, recipe, source, shard, cols, prompt_col, store, progress, task)
+            done_rows = progress.tasks[task].completed
+            progress.update(
+                task, rate=f"{per_row * done_rows / max(time.perf_counter() - t0, 1e-9):.2f} img/s"
+            )
+    seconds = time.perf_counter() - t0
+    state.wait_for_everyone()
+    calls_per_image = inverter.noise_estimates / max(inverter.images, 1)
+    kept, rows = 0, 0
+    for s in shards:
+        side = store.read_sidecar(s.index) or {}
+        kept += side.get("kept", 0)
+        rows += side.get("rows", 0)
+    skipped = store.merge_skipped(shards) if state.is_main_process else []
+    result = InvertResult(
+        output_dir=recipe.output_dir, layout=layout, rows=rows, inverted=kept, skipped=count_reasons(skipped),
+        shards=len(shards), shards_resumed=len(done), levels=list(recipe.inversion.levels),
+        unet_calls_per_image=round(calls_per_image, 3),
+        images_per_second=round(inverter.images / max(seconds, 1e-9), 3), seconds=round(time.perf_counter() - started, 3),
+    )  # fmt: skip
+    if layout == "pairs":
+        result.storage_bytes_per_pair = storage_per_pair(recipe)[0]
+    elif state.is_main_process:
+        lines = []
+        for s in shards:
+            if store.has_payload(s.index):
+                lines += store.payload(s.index).read_text(encoding="utf-8").splitlines()
+        records = [json.loads(x) for x in lines]
+        write_text(Path(recipe.output_dir) / "results.jsonl", "".join(x + "\n" for x in lines))
+        if records:
+            psnr = np.array([r["psnr_db"] for r in records])
+            result.reconstruction = {
+                "psnr_db_mean": float(psnr.mean()), "psnr_db_min": float(psnr.min()),
+                "vae_psnr_db_mean": float(np.mean([r["vae_psnr_db"] for r in records])),
+                "latent_mse_mean": float(np.mean([r["latent_mse"] for r in records])),
+                "per_image": records[:50],
+            }  # fmt: skip
+    if state.is_main_process:
+        write_json(Path(recipe.output_dir) / "summary.json", result.to_dict())
+    return result
