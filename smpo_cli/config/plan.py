@@ -77,7 +77,7 @@ def plan_lines(recipe: BaseModel) -> list[tuple[str, str]]:
         rw = data.reward
         src = rw.path or "official weights"
         lines.append(("ok", f"reward: {rw.name} ({src}), {rw.batch_size} pairs per batch, dtype {rw.dtype}"))
-        if rw.path:
+        if rw.path and rw.path != "tiny":
             level, what = describe_model_ref(rw.path)
             lines.append((level, f"reward.path = {rw.path}: {what}"))
         output = rw.output or ("cosine" if rw.name == "pickscore" else "the model's default output")

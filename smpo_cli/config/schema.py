@@ -119,6 +119,9 @@ class InversionSpec(Block):
         "official: reproduce the official code's level mismatch (ablation only).",
     )
     cache_path: str | None = Field(None, description="Inversion cache folder when source=cache.")
+    first_prediction: Literal["source", "target"] = Field(
+        "source", description="Timestep label of each inverse step's first noise estimate."
+    )
 
     @model_validator(mode="after")
     def _cache_needs_path(self) -> InversionSpec:
@@ -181,6 +184,7 @@ class TrainRecipe(Block):
     stage: Literal["train"] = "train"
     schema_version: int = SCHEMA_VERSION
     seed: int = Field(0, description="Seed for data order, noise, timesteps and empty prompts.")
+    device: Literal["auto", "cpu"] = Field("auto", description="auto: the GPUs accelerate gives | cpu: force CPU.")
     output_dir: str = Field(description="Run folder; refused if non-empty unless resuming or --overwrite.")
     model: ModelSpec
     data: TrainDataSpec
@@ -196,6 +200,11 @@ class TrainRecipe(Block):
             raise ValueError("method.name=sft trains on the winner with random noise: set inversion.source=none")
         if self.train.lora_alpha is not None and self.train.lora_rank is None:
             raise ValueError("train.lora_alpha is set but train.lora_rank is null (full fine-tuning)")
+        if self.inversion.source == "cache" and (self.data.random_crop or self.data.random_flip):
+            raise ValueError("inversion.source=cache stores centre-cropped, unflipped latents: "
+                             "set data.random_crop=false and data.random_flip=false")
+        if self.inversion.source == "cache" and self.inversion.timestep_mode == "official":
+            raise ValueError("inversion.timestep_mode=official needs inversion.source=online")
         return self
 
 
@@ -235,7 +244,9 @@ class RewardSpec(Block):
     name: Literal["pickscore", "hpsv2", "imagereward", "aesthetic", "clip"] = Field(
         "pickscore", description="Reward model (registry name)."
     )
-    path: str | None = Field(None, description="Local folder/file or hub id; null = the model's official weights.")
+    path: str | None = Field(
+        None, description="Local folder/file or hub id; null = the official weights; tiny = an embedded tiny random model."
+    )
     options: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict, description="Model-specific options (e.g. hpsv2: {variant: v2.0})."
     )

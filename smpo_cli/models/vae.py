@@ -20,13 +20,19 @@ class Preprocessed:
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
 
 
-def preprocess(image: Image.Image, resolution: int) -> Preprocessed:
-    """Resize the shorter side to ``resolution`` (bilinear, as the Diffusion-DPO scripts) and centre-crop."""
+def preprocess(image: Image.Image, resolution: int, rng: np.random.Generator | None = None) -> Preprocessed:
+    """Resize the shorter side to ``resolution`` (bilinear, as the Diffusion-DPO scripts) and crop.
+
+    The crop is centred, or drawn from ``rng`` (a random crop) when one is given.
+    """
     w, h = image.size
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     resized = image.convert("RGB").resize((new_w, new_h), Image.BILINEAR)
-    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    if rng is None:
+        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    else:
+        top, left = int(rng.integers(0, new_h - resolution + 1)), int(rng.integers(0, new_w - resolution + 1))
     cropped = resized.crop((left, top, left + resolution, top + resolution))
     arr = torch.from_numpy(np.asarray(cropped, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
     return Preprocessed(arr, (h, w), (top, left))

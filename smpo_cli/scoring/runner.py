@@ -193,6 +193,7 @@ def _score_shard(
     meta = {
         "reward": reward.metadata,
         "output": output,
+        "base_dir": str(Path(source.base_dir).resolve()),  # where relative image paths in this table point
         "normalization": None if fixed is None else {"r_min": fixed[0], "r_max": fixed[1]},
     }
     out = out.replace_schema_metadata({**(out.schema.metadata or {}), METADATA_KEY: json.dumps(meta).encode()})
@@ -308,8 +309,14 @@ def run_scoring(recipe: ScoreRecipe) -> ScoreResult:
     done = {s.index for s in shards if store.is_done(s.index)}
     mine = [s for s in store.mine(shards, state.process_index, state.num_processes) if s.index not in done]
     device, dtype = _resolve_device_dtype(recipe, state)
+    reward_path = recipe.reward.path
+    if reward_path == "tiny":  # the embedded tiny random model of this family (offline demos, tests)
+        from smpo_cli.rewards.tiny import tiny_reward_path
+
+        reward_path = str(tiny_reward_path(recipe.reward.name, build=state.is_main_process))
+        state.wait_for_everyone()
     reward = load_reward(
-        recipe.reward.name, recipe.reward.path, device=device, dtype=dtype,
+        recipe.reward.name, reward_path, device=device, dtype=dtype,
         batch_size=2 * recipe.reward.batch_size, **recipe.reward.options,
     )  # fmt: skip
     output = _choose_output(recipe, reward)

@@ -88,6 +88,14 @@ class ParquetSource(PairSource):
                 raise DataError(f"{f}: not a readable parquet file ({exc})") from None
             if self._schema is None:
                 self._schema = pq.read_schema(f)
+                # an smpo score output records where its relative image paths point
+                smpo_meta = (self._schema.metadata or {}).get(b"smpo")
+                if smpo_meta:
+                    import json
+
+                    base = json.loads(smpo_meta).get("base_dir")
+                    if base:
+                        self.base_dir = Path(base)
             for g in range(meta.num_row_groups):
                 rows = meta.row_group(g).num_rows
                 self._groups.append((i, g, first, rows))

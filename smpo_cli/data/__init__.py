@@ -1,0 +1,1 @@
+"""Small datasets smpo makes itself (no network): the quick start's preference pairs."""

@@ -1,0 +1,45 @@
+"""Run one stage into its output folder: what every stage command (and ``smpo quickstart``) shares.
+
+Prepare the folder (refuse a non-empty one unless overwriting or resuming), write
+``recipe.resolved.yaml`` and ``run.json``, call the core ``run_<stage>(recipe)``, record the exit
+status. Under accelerate/torchrun only the main process owns the folder; the others wait for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from smpo_cli.config import LoadedRecipe, dump_recipe
+from smpo_cli.utils.distributed import barrier, is_main_process
+from smpo_cli.utils.rundir import RunDir
+
+
+def execute(
+    stage: str,
+    loaded: LoadedRecipe,
+    core: Callable[[Any], Any],
+    *,
+    overwrite: bool = False,
+    resume: Callable[[Any], bool] = lambda recipe: False,
+) -> Any:
+    main = is_main_process()
+    rundir = RunDir(loaded.recipe.output_dir)
+    if main:
+        rundir.prepare(overwrite=overwrite, resume=not overwrite and resume(loaded.recipe))
+        rundir.write_recipe(dump_recipe(loaded.recipe))
+        rundir.start(stage=stage, recipe_source=loaded.source)
+    barrier()
+    try:
+        result = core(loaded.recipe)
+    except KeyboardInterrupt:
+        if main:
+            rundir.finish("interrupted")
+        raise
+    except BaseException as exc:
+        if main:
+            rundir.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    if main:
+        rundir.finish("success", result=result.to_dict() if hasattr(result, "to_dict") else None)
+    return result
