@@ -15,9 +15,11 @@ import typer
 from smpo_cli import __version__
 from smpo_cli.cli import env as env_cmd
 from smpo_cli.cli import invert as invert_cmd
+from smpo_cli.cli import quickstart as quickstart_cmd
 from smpo_cli.cli import recipe as recipe_cmd
 from smpo_cli.cli import score as score_cmd
 from smpo_cli.cli import selftest as selftest_cmd
+from smpo_cli.cli import train as train_cmd
 from smpo_cli.cli._console import debug_enabled, err, print_error, print_traceback, setup_logging
 from smpo_cli.errors import SmpoError
 
@@ -71,6 +73,8 @@ def root(
 
 app.command(name="score", epilog=score_cmd.EPILOG)(score_cmd.score)
 app.command(name="invert", epilog=invert_cmd.EPILOG)(invert_cmd.invert)
+app.command(name="train", epilog=train_cmd.EPILOG)(train_cmd.train)
+app.command(name="quickstart", epilog=quickstart_cmd.EPILOG)(quickstart_cmd.quickstart)
 app.add_typer(recipe_cmd.app, name="recipe")
 app.command(name="env", epilog=env_cmd.EPILOG)(env_cmd.env)
 app.command(name="selftest", epilog=selftest_cmd.EPILOG)(selftest_cmd.selftest)

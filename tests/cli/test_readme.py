@@ -20,7 +20,7 @@ def quickstart_commands() -> list[str]:
 
 def test_quickstart_is_two_commands_install_and_test():
     install_run, install_test = quickstart_commands()
-    assert install_run.startswith("pip install") and install_run.endswith("smpo selftest")
+    assert install_run.startswith("pip install") and install_run.endswith("smpo quickstart")
     assert install_test.startswith("pip install") and install_test.endswith("pytest")
 
 
@@ -47,3 +47,17 @@ def test_selftest_end_to_end(tmp_path, capsys):
     (foreign / "notes.txt").write_text("mine")
     assert run(["selftest", "-o", str(foreign)]) == 2
     assert run(["selftest", "--family", "sd3"]) == 2
+
+
+@pytest.mark.integration
+def test_quickstart_end_to_end(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert run(["quickstart", "-o", str(out), "--steps", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["scored_pairs"] == 16 and [r["method"] for r in result["runs"]] == ["smpo", "dpo"]
+    for r in result["runs"]:
+        assert r["steps"] == 2 and Path(r["model"]).is_dir()
+    for stage_dir in ("scored", "smpo", "dpo"):
+        manifest = json.loads((out / stage_dir / "run.json").read_text())
+        assert manifest["status"] == "success" and (out / stage_dir / "recipe.resolved.yaml").is_file()
+    assert run(["quickstart", "-o", str(out), "--steps", "1"]) == 0  # a rerun replaces the earlier one

@@ -1,0 +1,1 @@
+"""``smpo train``: SmPO, Diffusion-DPO and SFT on scored preference pairs."""

@@ -1,0 +1,253 @@
+"""Scored preference pairs for training: winner first, smoothed p, deterministic and resumable order.
+
+The input is the output of ``smpo score`` (or any parquet / save_to_disk / JSONL pairs with the
+reward's ``<reward>_winner`` and ``<reward>_p`` columns). Images are decoded lazily in DataLoader
+workers. The order is a *block shuffle*: blocks (parquet row groups) in random order, rows inside a
+block in random order, so each block is read about once per epoch instead of once per row. The order
+is a pure function of (seed, epoch), and randomness per example (crop, flip, empty prompt) is seeded
+by the example's position, so a resumed run sees exactly the batches an uninterrupted run would.
+A pair with a bad image is skipped whole (both sides) and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smpo_cli.config.schema import TrainRecipe
+from smpo_cli.errors import DataError
+from smpo_cli.scoring.decode import SkipPair, open_image
+from smpo_cli.scoring.sources import PairSource, ParquetSource, open_source, resolve_columns
+from smpo_cli.utils.logging import get_logger
+
+logger = get_logger(__name__)
+ROW_COLUMN = "smpo_row"
+
+
+@dataclass
+class PairTable:
+    """The light columns of every usable pair, in input order (images stay on disk)."""
+
+    source: PairSource
+    image_columns: tuple[str, str]
+    rows: np.ndarray  # input row index of each usable pair
+    row_ids: np.ndarray  # smpo_row (the cache key) of each usable pair
+    prompts: list[str]
+    winner: np.ndarray  # 0 or 1: which image the reward prefers
+    p: np.ndarray  # probability that the winner is preferred
+    blocks: list[tuple[int, int]]  # [start, stop) positions into ``rows`` of each storage block
+
+
+def load_pair_table(recipe: TrainRecipe) -> PairTable:
+    d = recipe.data
+    source = open_source(d.path, d.split)
+    cols = resolve_columns(source, "auto")
+    reward = d.reward
+    winner_col, p_col = f"{reward}_winner", f"{reward}_p"
+    names = source.column_names
+    needed = [winner_col] + ([] if recipe.method.binary_labels or recipe.method.name != "smpo" else [p_col])
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise DataError(
+            f"{d.path}: no {', '.join(missing)} column(s): this dataset was not scored with reward {reward!r}",
+            hint=f"run `smpo score --data {d.path} --reward {reward}` first, or set data.reward to the reward it was scored with",
+        )
+    light = [cols.prompt, winner_col] + ([p_col] if p_col in names else [])
+    light += [c for c in (cols.label, ROW_COLUMN) if c and c in names]
+    parts = []
+    bounds = []  # storage blocks in input-row space
+    if isinstance(source, ParquetSource):
+        import pyarrow.parquet as pq
+
+        for fi, g, first, n in source._groups:
+            parts.append(pq.ParquetFile(source.files[fi]).read_row_group(g, columns=light))
+            bounds.append((first, first + n))
+    else:
+        table = source.read(0, source.num_rows).select(light)
+        parts.append(table)
+        step = 1024
+        bounds = [(s, min(s + step, table.num_rows)) for s in range(0, table.num_rows, step)]
+    import pyarrow as pa
+
+    table = pa.concat_tables(parts) if parts else None
+    n = table.num_rows if table is not None else 0
+    rows = np.arange(n)
+    keep = np.ones(n, dtype=bool)
+    if d.drop_ties and cols.label and cols.label in table.column_names:
+        keep &= table.column(cols.label).to_numpy(zero_copy_only=False) != 0.5
+    winner = np.asarray(table.column(winner_col).to_numpy(zero_copy_only=False), dtype=np.int64)
+    p = (
+        np.asarray(table.column(p_col).to_numpy(zero_copy_only=False), dtype=np.float64)
+        if p_col in table.column_names
+        else np.ones(n)
+    )
+    if recipe.method.binary_labels or recipe.method.name != "smpo":
+        p = np.ones(n)  # Diffusion-DPO / SFT / the binary-label ablation: the reward winner, fully trusted
+    keep &= np.isfinite(p) & ((winner == 0) | (winner == 1))
+    if d.max_pairs is not None:
+        keep &= np.cumsum(keep) <= d.max_pairs
+    row_ids = (
+        np.asarray(table.column(ROW_COLUMN).to_numpy(zero_copy_only=False), dtype=np.int64)
+        if ROW_COLUMN in table.column_names
+        else rows
+    )
+    kept = np.flatnonzero(keep)
+    if kept.size == 0:
+        raise DataError(f"{d.path}: no usable pairs (after dropping ties and rows without a reward winner)")
+    # blocks in kept-position space
+    blocks, pos = [], 0
+    for lo, hi in bounds:
+        count = int(keep[lo:hi].sum())
+        if count:
+            blocks.append((pos, pos + count))
+            pos += count
+    prompts = table.column(cols.prompt).to_pylist()
+    return PairTable(
+        source=source,
+        image_columns=(cols.image_0, cols.image_1),
+        rows=rows[kept],
+        row_ids=row_ids[kept],
+        prompts=[prompts[i] if isinstance(prompts[i], str) else "" for i in kept],
+        winner=winner[kept],
+        p=p[kept],
+        blocks=blocks,
+    )
+
+
+def epoch_order(table: PairTable, seed: int, epoch: int) -> np.ndarray:
+    """Positions into ``table`` in training order for one epoch (block shuffle)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = []
+    for b in rng.permutation(len(table.blocks)):
+        lo, hi = table.blocks[b]
+        order.append(lo + rng.permutation(hi - lo))
+    return np.concatenate(order)
+
+
+def example_rng(seed: int, position: int) -> np.random.Generator:
+    """Randomness of one example (crop, flip, empty prompt): a function of its global position."""
+    return np.random.default_rng([seed, 1, position])
+
+
+class PairExamples(torch.utils.data.Dataset):
+    """(global position, table position) -> one training example; None when its images are bad."""
+
+    def __init__(self, recipe: TrainRecipe, table: PairTable, cache=None) -> None:
+        self.recipe, self.table, self.cache = recipe, table, cache
+        self._block: tuple[int, Any] | None = None  # (block start row, pyarrow table) of the last read
+
+    def __len__(self) -> int:
+        return len(self.table.rows)
+
+    def _images(self, row: int) -> tuple[Any, Any]:
+        src = self.table.source
+        if isinstance(src, ParquetSource):
+            for fi, g, first, n in src._groups:
+                if first <= row < first + n:
+                    if self._block is None or self._block[0] != first:
+                        import pyarrow.parquet as pq
+
+                        self._block = (first, pq.ParquetFile(src.files[fi]).read_row_group(g, columns=list(self.table.image_columns)))
+                    t = self._block[1]
+                    i = row - first
+                    return t.column(0)[i].as_py(), t.column(1)[i].as_py()
+        t = src.read(row, row + 1)
+        return t.column(self.table.image_columns[0])[0].as_py(), t.column(self.table.image_columns[1])[0].as_py()
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any] | None:
+        from smpo_cli.models.vae import preprocess
+
+        position, idx = item
+        t, d = self.table, self.recipe.data
+        rng = example_rng(self.recipe.seed, position)
+        w = int(t.winner[idx])
+        prompt = t.prompts[idx] if rng.random() >= d.empty_prompt_prob else ""
+        out: dict[str, Any] = {"row": int(t.row_ids[idx]), "prompt": prompt, "p": float(t.p[idx])}
+        if self.cache is not None:
+            cached = self.cache.get(int(t.row_ids[idx]))
+            order = [w, 1 - w]
+            out["latents"] = cached["latents"][order].float()
+            out["inverted"] = cached["inverted"][order].float()
+            out["original_size"] = cached["original_size"][order]
+            out["crop_top_left"] = cached["crop_top_left"][order]
+            return out
+        values = self._images(int(t.rows[idx]))
+        try:
+            images = [open_image(v, t.source.base_dir, 50_000_000) for v in values]
+        except SkipPair as exc:
+            logger.debug("skipping pair %d: %s", t.rows[idx], exc)
+            return None
+        images = [images[w], images[1 - w]]  # winner first
+        flip = d.random_flip and rng.random() < 0.5
+        pixels, sizes, crops = [], [], []
+        for img in images:
+            pre = preprocess(img, d.resolution, rng if d.random_crop else None)
+            px = pre.pixels.flip(-1) if flip else pre.pixels
+            pixels.append(px)
+            sizes.append(pre.original_size)
+            crops.append(pre.crop_top_left)
+        out["pixels"] = torch.stack(pixels)
+        out["original_size"] = torch.tensor(sizes)
+        out["crop_top_left"] = torch.tensor(crops)
+        return out
+
+
+def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Stack the good examples; count the skipped ones."""
+    good = [x for x in items if x is not None]
+    batch: dict[str, Any] = {"skipped": len(items) - len(good), "size": len(good)}
+    if not good:
+        return batch
+    batch["row"] = torch.tensor([x["row"] for x in good])
+    batch["prompt"] = [x["prompt"] for x in good]
+    batch["p"] = torch.tensor([x["p"] for x in good], dtype=torch.float32)
+    for key in ("pixels", "latents", "inverted", "original_size", "crop_top_left"):
+        if key in good[0]:
+            batch[key] = torch.stack([x[key] for x in good])
+    return batch
+
+
+class PositionSampler(torch.utils.data.Sampler):
+    """Micro-batches of this process from global position ``start`` on, epoch after epoch.
+
+    Global micro-batch ``m`` holds positions ``[m * B, (m + 1) * B)`` of the concatenated epoch orders;
+    process ``r`` of ``N`` takes micro-batches ``r, r + N, ...``. Yields lists of (position, index).
+    """
+
+    def __init__(self, table: PairTable, seed: int, batch_size: int, rank: int, world: int, start_micro: int) -> None:
+        self.table, self.seed, self.bs, self.rank, self.world = table, seed, batch_size, rank, world
+        self.start_micro = start_micro
+
+    def __iter__(self):
+        n = len(self.table.rows)
+        micro = self.start_micro
+        orders: dict[int, np.ndarray] = {}
+        while True:
+            if micro % self.world == self.rank:
+                batch = []
+                for pos in range(micro * self.bs, (micro + 1) * self.bs):
+                    epoch, k = divmod(pos, n)
+                    if epoch not in orders:
+                        orders = {epoch: epoch_order(self.table, self.seed, epoch)}
+                    batch.append((pos, int(orders[epoch][k])))
+                yield batch
+            micro += 1
+
+
+def cache_for(recipe: TrainRecipe):
+    if recipe.inversion.source != "cache":
+        return None
+    from smpo_cli.inversion.cache import InversionCache
+
+    cache = InversionCache(Path(recipe.inversion.cache_path))
+    if cache.meta and cache.meta.get("resolution") not in (None, recipe.data.resolution):
+        raise DataError(
+            f"inversion cache {recipe.inversion.cache_path} was made at resolution {cache.meta['resolution']}, "
+            f"training asks data.resolution={recipe.data.resolution}",
+            hint="use the cache's resolution or rebuild the cache",
+        )
+    return cache

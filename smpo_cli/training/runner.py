@@ -1,0 +1,279 @@
+"""``run_training(recipe)``: SmPO / Diffusion-DPO / SFT on accelerate.
+
+One process on a CPU, 8 GPUs or several nodes are the same code: ``accelerate launch`` (or torchrun)
+starts the processes, DDP averages gradients, the main process writes checkpoints, metrics and the
+final model. A resumed run (``train.resume=auto``) continues exactly where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smpo_cli.config.schema import TrainRecipe
+from smpo_cli.errors import SmpoError, UsageError
+from smpo_cli.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from smpo_cli.utils.logging import get_logger
+
+logger = get_logger(__name__)
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    method: str
+    steps: int
+    resumed_from: int
+    final_loss: float | None
+    pairs_per_second: float
+    unet_calls_per_step: float
+    skipped_pairs: int
+    nonfinite_steps: int
+    model_path: str
+    ranks_in_sync: bool
+    trainable_checksum: float
+    seconds: float
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("metrics")
+        return d
+
+
+def _optimizer(recipe: TrainRecipe, params, lr: float):
+    o = recipe.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
+    if o.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False,
+                         weight_decay=o.weight_decay)  # fmt: skip
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UsageError("optim.name=adamw8bit needs bitsandbytes", hint="pip install bitsandbytes (CUDA only)") from None
+    return bnb.optim.AdamW8bit(params, lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
+
+
+def _checksum(params) -> float:
+    return float(sum(p.detach().double().sum() for p in params))
+
+
+def run_training(recipe: TrainRecipe) -> TrainResult:
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from smpo_cli.inversion.schedule import NoiseSchedule
+    from smpo_cli.models import load_components
+    from smpo_cli.training.data import PairExamples, PositionSampler, cache_for, collate, load_pair_table
+    from smpo_cli.training.step import StepModels, make_grid, micro_batch_loss
+    from smpo_cli.utils.progress import make_progress
+
+    started = time.perf_counter()
+    r, t = recipe, recipe.train
+    out_dir = Path(r.output_dir)
+    trackers = [x for x in r.logging.report_to if x != "jsonl"]
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=r.device == "cpu",
+                              log_with=trackers or None, project_dir=str(out_dir))  # fmt: skip
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+    cache = cache_for(r)
+    m = r.model
+    comps = load_components(m.pretrained, family=m.family, vae=m.vae, unet=m.unet, config=m.config,
+                            revision=m.revision, variant=m.variant,
+                            dtype=m.dtype if m.dtype != "auto" else str(weight_dtype).removeprefix("torch."),
+                            device=str(device))  # fmt: skip
+    for module in (comps.vae, comps.text_encoder, comps.text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    unet = comps.unet
+    ref_unet = None
+    if t.lora_rank is not None:
+        from smpo_cli.training.lora import add_lora
+
+        unet.requires_grad_(False)
+        add_lora(unet, rank=t.lora_rank, alpha=t.lora_alpha, seed=r.seed)
+        for p in unet.parameters():  # the adapters train in fp32 even over an fp16 base
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        if r.method.name != "sft":
+            ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+        if next(unet.parameters()).dtype != torch.float32:
+            unet.to(torch.float32)  # fp32 master weights; autocast does the rest
+        unet.requires_grad_(True)
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    world = accelerator.num_processes
+    per_step_pairs = t.batch_size * t.grad_accum_steps * world
+    lr = r.optim.lr * per_step_pairs if r.optim.scale_lr else r.optim.lr
+    optimizer = _optimizer(r, params, lr)
+    scheduler = get_scheduler(r.optim.lr_scheduler, optimizer, num_warmup_steps=r.optim.warmup_steps,
+                              num_training_steps=t.max_steps)  # fmt: skip
+    start_step, micro_done, skipped_total, nonfinite = 0, 0, 0, 0
+    resume_from = resolve_resume(out_dir, t.resume)
+    if resume_from is not None:
+        ck = load_checkpoint(resume_from)
+        if t.lora_rank is not None:
+            from smpo_cli.training.lora import load_lora_state_dict
+
+            load_lora_state_dict(unet, ck["trainable"])
+        else:
+            unet.load_state_dict(ck["trainable"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        st = ck["state"]
+        start_step, micro_done = st["step"], st["micro_batches"]
+        skipped_total, nonfinite = st.get("skipped_pairs", 0), st.get("nonfinite_steps", 0)
+        logger.info("resuming from %s (step %d)", resume_from, start_step)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    raw_unet = accelerator.unwrap_model(unet)
+    schedule = NoiseSchedule.from_scheduler(comps.scheduler, comps.prediction_type)
+    models = StepModels(r, comps, unet, raw_unet, ref_unet, schedule, grid=make_grid(r, schedule),
+                        cache_levels=cache.levels if cache is not None else [], autocast=accelerator.autocast)  # fmt: skip
+    table = load_pair_table(r)
+    sampler = PositionSampler(table, r.seed, t.batch_size, accelerator.process_index, world, micro_done)
+    loader = torch.utils.data.DataLoader(PairExamples(r, table, cache), batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=r.data.num_workers)  # fmt: skip
+    batches = iter(loader)
+    metrics_path = out_dir / METRICS
+    if accelerator.is_main_process:
+        kept = []
+        if metrics_path.exists():  # a resumed run keeps the steps before its checkpoint
+            kept = [x for x in metrics_path.read_text().splitlines() if x and json.loads(x)["step"] <= start_step]
+        metrics_path.write_text("".join(k + "\n" for k in kept))
+        if trackers:
+            accelerator.init_trackers("smpo", config=r.model_dump(mode="json"))
+    logger.info("%s on %d pairs: %d steps of %d pairs (%d x %d x %d processes), lr %.3g, %s",
+                r.method.name, len(table.rows), t.max_steps, per_step_pairs, t.batch_size, t.grad_accum_steps,
+                world, lr, f"LoRA rank {t.lora_rank}" if t.lora_rank else "full fine-tuning")  # fmt: skip
+    history: list[dict[str, Any]] = []
+    step = start_step
+    t0 = time.perf_counter()
+    pairs_done = 0
+    from rich.progress import TextColumn
+
+    with make_progress(TextColumn("{task.fields[live]}")) as progress:
+        task = progress.add_task(f"train {r.method.name}", total=t.max_steps, completed=start_step, live="")
+        while step < t.max_steps:
+            tick = time.perf_counter()
+            sums: dict[str, float] = {}
+            bad = False
+            pairs = skipped = calls = 0
+            for micro in range(t.grad_accum_steps):
+                batch = next(batches)
+                micro_done += world
+                skipped += batch["skipped"]
+                sync = micro == t.grad_accum_steps - 1
+                ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(unet)
+                with ctx:
+                    if batch["size"] == 0:
+                        accelerator.backward(sum(p.sum() for p in params) * 0.0)  # keep DDP's collectives in step
+                        continue
+                    gen = _step_generator(r.seed, step, micro, accelerator.process_index)
+                    loss, mets = micro_batch_loss(models, batch, gen, device)
+                    if not torch.isfinite(loss):
+                        bad = True
+                        accelerator.backward(sum(p.sum() for p in params) * 0.0)
+                        continue
+                    accelerator.backward(loss / t.grad_accum_steps)
+                pairs += batch["size"]
+                calls += mets.pop("unet_calls")
+                for k, v in mets.items():
+                    sums[k] = sums.get(k, 0.0) + v * batch["size"]
+            bad_any = accelerator.reduce(torch.tensor(float(bad), device=device), reduction="sum").item() > 0
+            if bad_any:
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite += 1
+                logger.warning("non-finite loss at step %d: step skipped (%d so far, limit %d)", step + 1, nonfinite,
+                               t.max_nonfinite_steps)  # fmt: skip
+                if nonfinite > t.max_nonfinite_steps:
+                    raise SmpoError(
+                        f"{nonfinite} steps with a non-finite loss (train.max_nonfinite_steps={t.max_nonfinite_steps})",
+                        hint="lower optim.lr, use bf16 instead of fp16, or check the data; the last good checkpoint "
+                        "is kept in checkpoints/",
+                    )
+                continue
+            grad_norm = None
+            if r.optim.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(params, r.optim.max_grad_norm))
+            lr_used = scheduler.get_last_lr()[0]  # the lr of this step (warm-up starts at 0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            skipped_total += skipped
+            pairs_done += pairs
+            row = {"step": step, **{k: v / max(pairs, 1) for k, v in sums.items()}, "grad_norm": grad_norm,
+                   "lr": lr_used, "pairs": pairs, "pairs_per_s": pairs / (time.perf_counter() - tick),
+                   "unet_calls": calls, "skipped_pairs": skipped, "nonfinite_steps": nonfinite}  # fmt: skip
+            history.append(row)
+            if accelerator.is_main_process and step % r.logging.log_every_steps == 0:
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                if trackers:
+                    accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+            progress.update(task, completed=step,
+                            live=f"loss {row.get('loss', float('nan')):.4f} acc {row.get('implicit_acc', float('nan')):.2f} "
+                                 f"{row['pairs_per_s']:.2f} pairs/s")  # fmt: skip
+            every = t.checkpoint_every_steps
+            if (every and step % every == 0) or step == t.max_steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(out_dir, step, _trainable_state(raw_unet, t.lora_rank is not None), optimizer,
+                                    scheduler, {"micro_batches": micro_done, "skipped_pairs": skipped_total,
+                                                "nonfinite_steps": nonfinite}, t.keep_checkpoints)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    checksum = _checksum(p for p in raw_unet.parameters() if p.requires_grad)
+    sums_all = accelerator.gather(torch.tensor([checksum], dtype=torch.float64, device=device))
+    in_sync = bool(torch.allclose(sums_all, sums_all[0].expand_as(sums_all), rtol=0, atol=0))
+    if not in_sync:
+        raise SmpoError(f"ranks ended with different weights (checksums {sums_all.tolist()})", hint="report this with `smpo env`")
+    model_path = ""
+    if accelerator.is_main_process:
+        from smpo_cli.training.export import save_lora, save_pipeline
+
+        if t.lora_rank is not None:
+            model_path = str(save_lora(raw_unet, out_dir / "lora", comps.family))
+        else:
+            model_path = str(save_pipeline(comps, raw_unet, out_dir / "pipeline"))
+    accelerator.wait_for_everyone()
+    if trackers:
+        accelerator.end_training()
+    n_steps = max(step - start_step, 1)
+    return TrainResult(
+        output_dir=str(out_dir), method=r.method.name, steps=step, resumed_from=start_step,
+        final_loss=history[-1].get("loss") if history else None,
+        pairs_per_second=round(pairs_done * world / max(seconds, 1e-9), 3),
+        unet_calls_per_step=sum(h["unet_calls"] for h in history) / n_steps if history else 0.0,
+        skipped_pairs=skipped_total, nonfinite_steps=nonfinite, model_path=model_path, ranks_in_sync=in_sync,
+        trainable_checksum=checksum, seconds=round(time.perf_counter() - started, 3), metrics=history,
+    )  # fmt: skip
+
+
+def _trainable_state(unet, lora: bool) -> dict[str, torch.Tensor]:
+    if lora:
+        from smpo_cli.training.lora import lora_state_dict
+
+        return lora_state_dict(unet)
+    return {k: v for k, v in unet.state_dict().items()}
+
+
+def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """t, noise and inversion noise of one micro-batch: a function of where it is, so resumes are exact."""
+    import numpy as np
+
+    state = int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(state % 2**63)

@@ -1,0 +1,182 @@
+"""`smpo train` end to end on the embedded tiny SD1.5 model and scored toy pairs (CPU, fp32)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from smpo_cli.cli.main import run
+from smpo_cli.config import load_recipe
+from smpo_cli.errors import SmpoError
+from smpo_cli.runs import execute
+from smpo_cli.training.runner import run_training
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def scored(tmp_path_factory):
+    """16 toy pairs scored with the embedded tiny PickScore-architecture model."""
+    from smpo_cli.data.toy_pairs import write_toy_pairs
+    from smpo_cli.scoring.runner import run_scoring
+
+    root = tmp_path_factory.mktemp("toy")
+    pairs = write_toy_pairs(root / "pairs", n=16)
+    execute("score", load_recipe("tiny_score_cpu", "score", [f"data.path={pairs}", f"output_dir={root / 'scored'}"]),
+            run_scoring)  # fmt: skip
+    return root / "scored"
+
+
+def train(recipe: str, scored: Path, out: Path, *extra: str):
+    loaded = load_recipe(recipe, "train", [f"data.path={scored}", f"output_dir={out}", *extra])
+    return execute("train", loaded, run_training, resume=lambda r: r.train.resume is not None)
+
+
+def unet_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(next((folder / "unet").glob("*.safetensors"))))
+
+
+def base_unet_state() -> dict[str, torch.Tensor]:
+    from smpo_cli.models.tiny import materialize_tiny
+
+    return unet_state(materialize_tiny("tiny-sd15"))
+
+
+def test_smpo_trains_writes_metrics_and_a_stock_pipeline(scored, tmp_path):
+    out = tmp_path / "smpo"
+    result = train("tiny_smpo_cpu", scored, out, "train.max_steps=2")
+    assert result.steps == 2 and result.ranks_in_sync and result.skipped_pairs == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("loss", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l", "implicit_acc", "mean_p",
+                "grad_norm", "lr", "pairs_per_s", "unet_calls"):  # fmt: skip
+        assert key in rows[0], key
+    # 2 micro-batches x (ReNoise: up to 5 grid steps x 2 estimates + policy + reference)
+    assert 2 * 2 < rows[0]["unet_calls"] <= 2 * (5 * 2 + 2)
+    assert rows[0]["lr"] == pytest.approx(4e-6) and 0.5 <= rows[0]["mean_p"] <= 1
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None, requires_safety_checker=False)
+    assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+    trained, base = unet_state(out / "pipeline"), base_unet_state()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "success" and manifest["result"]["steps"] == 2
+
+
+def test_p_one_half_changes_no_weight(scored, tmp_path):
+    """With p = 0.5 for every pair the SmPO coefficient is 0: an optimiser step changes no weight."""
+    half = tmp_path / "half"
+    shutil.copytree(scored, half)
+    for f in (half / "data").glob("*.parquet"):
+        table = pq.read_table(f)
+        i = table.column_names.index("pickscore_p")
+        import pyarrow as pa
+
+        table = table.set_column(i, "pickscore_p", pa.array([0.5] * table.num_rows))
+        pq.write_table(table, f)
+    out = tmp_path / "run"
+    result = train("tiny_smpo_cpu", half, out, "train.max_steps=1", "optim.max_grad_norm=null")
+    assert result.final_loss == pytest.approx(0.6931471805599453)
+    trained, base = unet_state(out / "pipeline"), base_unet_state()
+    assert all(torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_dpo_and_sft(scored, tmp_path):
+    dpo = train("tiny_dpo_cpu", scored, tmp_path / "dpo", "train.max_steps=1")
+    assert dpo.steps == 1 and dpo.unet_calls_per_step == 2 * 2  # policy + reference, 2 micro-batches
+    sft = train("tiny_dpo_cpu", scored, tmp_path / "sft", "train.max_steps=1", "method.name=sft")
+    assert sft.steps == 1 and sft.unet_calls_per_step == 2
+
+
+def test_lora_saves_diffusers_lora_weights(scored, tmp_path):
+    out = tmp_path / "lora"
+    result = train("tiny_smpo_cpu", scored, out, "train.max_steps=2", "train.lora_rank=4", "optim.lr=1e-3")
+    assert result.model_path.endswith("lora")
+    from diffusers import StableDiffusionPipeline
+
+    from smpo_cli.models.tiny import materialize_tiny
+
+    pipe = StableDiffusionPipeline.from_pretrained(materialize_tiny("tiny-sd15"), safety_checker=None,
+                                                   requires_safety_checker=False)  # fmt: skip
+    pipe.load_lora_weights(str(out / "lora"))
+    assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+def test_training_from_the_inversion_cache(scored, tmp_path):
+    from smpo_cli.inversion.runner import resume_ok, run_inversion
+
+    cache = tmp_path / "cache"
+    loaded = load_recipe(None, "invert", [f"data.path={scored}", f"output_dir={cache}", "model.pretrained=tiny-sd15",
+                                          "data.resolution=32", "data.num_workers=0", "inversion.num_steps=5",
+                                          "inversion.levels=[199,599,999]"])  # fmt: skip
+    execute("invert", loaded, run_inversion, resume=resume_ok)
+    result = train("tiny_smpo_cpu", scored, tmp_path / "run", "train.max_steps=2", "inversion.source=cache",
+                   f"inversion.cache_path={cache}")  # fmt: skip
+    assert result.steps == 2 and result.unet_calls_per_step == 2 * 2  # no inversion calls: cached
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(scored, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(SmpoError, match="non-finite"):
+        train("tiny_dpo_cpu", scored, out, "train.max_steps=6", "optim.lr=1e30", "train.max_nonfinite_steps=1",
+              "train.checkpoint_every_steps=1", "optim.max_grad_norm=null")  # fmt: skip
+    assert (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_sigkill_then_resume_matches_uninterrupted(scored, tmp_path):
+    """On CPU in fp32, a run killed with SIGKILL and resumed ends with identical weights."""
+    args = ["--recipe", "tiny_smpo_cpu", f"data.path={scored}", "train.max_steps=6", "train.checkpoint_every_steps=2"]
+    reference = tmp_path / "reference"
+    assert run(["-q", "train", "-o", str(reference), *args]) == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "smpo_cli", "-q", "train", "-o", str(out), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / "step-000002" / "state.json").exists():
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "pipeline").exists(), "the kill landed after the run finished"
+    assert run(["-q", "train", "-o", str(out), *args, "train.resume=auto"]) == 0
+    assert json.loads((out / "run.json").read_text())["result"]["resumed_from"] >= 2
+    a, b = unet_state(out / "pipeline"), unet_state(reference / "pipeline")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_two_processes_keep_identical_weights(scored, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "smpo_cli", "-q", "train",
+         "--recipe", "tiny_dpo_cpu", f"data.path={scored}", "-o", str(tmp_path / "ddp"), "train.max_steps=2", "--json"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["ranks_in_sync"] and result["steps"] == 2
+
+
+def test_cli_dry_run_and_bundled_alias(tmp_path, capsys):
+    assert run(["train", "--recipe", "sdxl.yaml", "--dry-run", f"output_dir={tmp_path / 'x'}"]) == 0
+    captured = capsys.readouterr()
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in captured.out and "optimiser: adafactor" in captured.err
