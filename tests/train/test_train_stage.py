@@ -180,3 +180,35 @@ def test_cli_dry_run_and_bundled_alias(tmp_path, capsys):
     assert run(["train", "--recipe", "sdxl.yaml", "--dry-run", f"output_dir={tmp_path / 'x'}"]) == 0
     captured = capsys.readouterr()
     assert "stabilityai/stable-diffusion-xl-base-1.0" in captured.out and "optimiser: adafactor" in captured.err
+
+
+def test_sdxl_smpo_trains(scored, tmp_path):
+    """SDXL path: two text encoders, pooled embeddings, per-image size/crop time ids."""
+    result = train("tiny_smpo_cpu", scored, tmp_path / "xl", "train.max_steps=1", "model.pretrained=tiny-sdxl")
+    assert result.steps == 1 and result.final_loss is not None and Path(result.model_path, "text_encoder_2").is_dir()
+
+
+def test_v_prediction_model_trains(scored, tmp_path):
+    from smpo_cli.models.tiny import materialize_tiny
+
+    model = tmp_path / "tiny-v"
+    shutil.copytree(materialize_tiny("tiny-sd15"), model)
+    cfg_path = model / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["prediction_type"] = "v_prediction"
+    cfg_path.write_text(json.dumps(cfg))
+    result = train("tiny_smpo_cpu", scored, tmp_path / "v", "train.max_steps=1", f"model.pretrained={model}")
+    assert result.steps == 1 and 0 < result.final_loss < 10
+
+
+# Regenerate: SMPO_PRINT_GOLDEN=1 pytest tests/train -k golden -s  (and paste the printed list here).
+GOLDEN_DPO_LOSSES = [0.693147, 0.694802, 0.69197]
+
+
+def test_golden_losses_tiny_dpo(scored, tmp_path):
+    result = train("tiny_dpo_cpu", scored, tmp_path / "g", "train.max_steps=3")
+    losses = [round(m["loss"], 6) for m in result.metrics]
+    if os.environ.get("SMPO_PRINT_GOLDEN"):
+        print("GOLDEN_DPO_LOSSES =", losses)
+    assert losses[0] == pytest.approx(0.693147, abs=1e-6)  # the policy starts as the reference
+    assert losses == pytest.approx(GOLDEN_DPO_LOSSES, abs=2e-4)

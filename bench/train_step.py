@@ -1,0 +1,148 @@
+"""Training-step cost: Diffusion-DPO vs SmPO (online inversion, cached inversion) vs the official-style step.
+
+One optimiser step (forward, backward, AdamW) on the same random-weight UNet, the same batch of latent
+pairs and prompts, on one machine; the variants are interleaved round by round and the table reports
+median ms per step, UNet calls per step and the ratios the targets are about:
+
+  cache_vs_dpo        SmPO from the `smpo invert` cache / Diffusion-DPO        (target <= 1.15)
+  online_vs_official  SmPO online (exact t, ReNoise K=1, reference UNet, 5 levels)
+                      / the official-style step (5-level leading grid, K=1, policy inversion,
+                      inversion to the grid level below t)                       (target <= 1.0)
+
+    python bench/train_step.py                 # CPU, ~25M-parameter SD1.5-layout UNet, 32x32 latents
+    python bench/train_step.py --json
+    python bench/train_step.py --device cuda --size sd15      # SD1.5-size UNet at 64x64 latents (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+SIZES = {
+    # name: (block_out_channels, layers_per_block, cross_attention_dim, latent side)
+    "mid": ((128, 256, 256), 1, 256, 32),
+    "sd15": ((320, 640, 1280, 1280), 2, 768, 64),
+}
+
+
+def build(args):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from smpo_cli.config import load_recipe
+    from smpo_cli.inversion.schedule import NoiseSchedule, inversion_grid
+    from smpo_cli.models import load_components
+    from smpo_cli.models.conditioning import Conditioning
+    from smpo_cli.training.step import StepModels
+
+    blocks, lpb, xdim, side = SIZES[args.size]
+    torch.manual_seed(0)
+    down = ("CrossAttnDownBlock2D",) * (len(blocks) - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(blocks) - 1)
+    unet = UNet2DConditionModel(sample_size=side, in_channels=4, out_channels=4, down_block_types=down,
+                                up_block_types=up, block_out_channels=blocks, layers_per_block=lpb,
+                                cross_attention_dim=xdim, attention_head_dim=8).to(args.device)  # fmt: skip
+    comps = load_components("tiny-sd15", device=args.device)
+    P = args.pairs
+    emb = torch.randn(1, 77, xdim, device=args.device)
+    cond = Conditioning(prompt_embeds=emb.expand(2 * P, -1, -1).contiguous())
+
+    # conditioning is fixed (a random embedding of the mid-size UNet's width): replace prompt encoding
+    import smpo_cli.training.step as step_mod
+
+    step_mod._cond = lambda models, prompts, sizes, crops, device: cond
+    variants = {}
+    for name, overrides in {
+        "dpo": ["method.name=dpo", "inversion.source=none"],
+        "smpo-online": ["inversion.source=online", "inversion.model=reference", "inversion.num_steps=5"],
+        "smpo-cache": ["inversion.source=cache", "inversion.cache_path=unused"],
+        "official-style": ["inversion.source=online", "inversion.model=policy", "inversion.num_steps=5",
+                           "inversion.timestep_mode=official"],
+    }.items():  # fmt: skip
+        recipe = load_recipe(None, "train", ["output_dir=x", "model.pretrained=tiny-sd15", "data.path=x",
+                                             "train.max_steps=1", *overrides]).recipe  # fmt: skip
+        variants[name] = recipe
+    ref = __import__("copy").deepcopy(unet).requires_grad_(False).eval()
+    schedule = NoiseSchedule.from_scheduler(comps.scheduler)
+    x0 = torch.randn(P, 2, 4, side, side)
+    levels = inversion_grid(10)
+    batch = {"size": P, "skipped": 0, "prompt": ["a photo"] * P, "p": torch.full((P,), 0.8),
+             "latents": x0, "inverted": torch.randn(P, 2, len(levels), 4, side, side),
+             "original_size": torch.full((P, 2, 2), 512), "crop_top_left": torch.zeros(P, 2, 2, dtype=torch.long)}  # fmt: skip
+    models = {}
+    for name, recipe in variants.items():
+        grid = inversion_grid(5, spacing="leading", offset=1) if name == "official-style" else inversion_grid(5)
+        models[name] = StepModels(recipe, comps, unet, unet, ref, schedule, grid=grid, cache_levels=levels)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-12)
+    return models, batch, opt, unet
+
+
+def time_step(models, batch, opt, device, seed: int = 0) -> tuple[float, int]:
+    import torch
+
+    from smpo_cli.training.step import micro_batch_loss
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss, metrics = micro_batch_loss(models, batch, torch.Generator().manual_seed(seed), device)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000, metrics["unet_calls"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", choices=sorted(SIZES), default="mid")
+    ap.add_argument("--pairs", type=int, default=2, help="pairs per step")
+    ap.add_argument("--rounds", type=int, default=9, help="each round draws new timesteps (the same for every variant)")
+    ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    models, batch, opt, unet = build(args)
+    params = sum(p.numel() for p in unet.parameters())
+    names = list(models)
+    for name in names:  # warm-up
+        time_step(models[name], batch, opt, args.device)
+    ms = {n: [] for n in names}
+    calls = {}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            t, c = time_step(models[name], batch, opt, args.device, seed=r)  # round r: the same t for every variant
+            ms[name].append(t)
+            calls.setdefault(name, []).append(c)
+    med = {n: statistics.median(v) for n, v in ms.items()}
+    figures = {
+        "device": args.device, "size": args.size, "unet_params": params, "pairs_per_step": args.pairs,
+        "rounds": args.rounds, "threads": args.threads,
+        "ms_per_step": med, "unet_calls_per_step": {n: statistics.mean(c) for n, c in calls.items()}, "all_ms": ms,
+        "cache_vs_dpo": med["smpo-cache"] / med["dpo"],
+        "online_vs_official": med["smpo-online"] / med["official-style"],
+    }  # fmt: skip
+    if args.device.startswith("cuda"):
+        figures["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if args.json:
+        print(json.dumps(figures))
+        return
+    print(f"train step, {args.size} UNet ({params / 1e6:.1f}M params), {args.pairs} pairs/step, {args.device}, "
+          f"{args.threads} threads, {args.rounds} rounds")  # fmt: skip
+    print(f"{'variant':<16}{'ms/step (median)':>18}{'UNet calls':>12}{'vs dpo':>9}")
+    for n in names:
+        print(f"{n:<16}{med[n]:>18.1f}{statistics.mean(calls[n]):>12.1f}{med[n] / med['dpo']:>8.2f}x")
+    print(f"cache_vs_dpo {figures['cache_vs_dpo']:.3f} (target <= 1.15), "
+          f"online_vs_official {figures['online_vs_official']:.3f} (target <= 1.0)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
