@@ -43,5 +43,19 @@ def run_stage(
         print_plan(plan_lines(loaded.recipe))
         return None
     from smpo_cli.runs import execute
+    from smpo_cli.utils.distributed import is_main_process
 
-    return execute(stage, loaded, core, overwrite=overwrite, resume=resume)
+    result = execute(stage, loaded, core, overwrite=overwrite, resume=resume)
+    return result if is_main_process() else None  # under accelerate the main process reports
+
+
+def printed_as_json(result: Any, as_json: bool) -> bool:
+    """Nothing to show (dry run, non-main rank), or ``--json`` printed: the command is done."""
+    if result is None:
+        return True
+    if as_json:
+        import json
+
+        out.print_json(json.dumps(result.to_dict()))
+        return True
+    return False

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
 from smpo_cli.cli._console import err, out
-from smpo_cli.cli._runner import run_stage
+from smpo_cli.cli._runner import printed_as_json, run_stage
 from smpo_cli.cli.options import DryRunOpt, JsonOpt, OutputDirOpt, OverridesArg, OverwriteOpt, RecipeOpt
 
 EPILOG = (
@@ -58,12 +57,7 @@ def score(
         "score", recipe=recipe, overrides=overrides, sugar=sugar, dry_run=dry_run, overwrite=overwrite,
         resume=resume_ok, core=run_scoring,
     )  # fmt: skip
-    from smpo_cli.utils.distributed import is_main_process
-
-    if result is None or not is_main_process():
-        return  # dry run, or a non-main rank under accelerate (the main one reports)
-    if as_json:
-        out.print_json(json.dumps(result.to_dict()))
+    if printed_as_json(result, as_json):
         return
     _print_summary(result)
 

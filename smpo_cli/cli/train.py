@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 from smpo_cli.cli._console import err, out
-from smpo_cli.cli._runner import run_stage
+from smpo_cli.cli._runner import printed_as_json, run_stage
 from smpo_cli.cli.options import (
     DryRunOpt,
     JsonOpt,
@@ -48,12 +46,7 @@ def train(
         "train", recipe=recipe, overrides=overrides, sugar=sugar, dry_run=dry_run, overwrite=overwrite,
         resume=lambda r: r.train.resume is not None, core=run_training,
     )  # fmt: skip
-    from smpo_cli.utils.distributed import is_main_process
-
-    if result is None or not is_main_process():
-        return
-    if as_json:
-        out.print_json(json.dumps(result.to_dict()))
+    if printed_as_json(result, as_json):
         return
     from rich.table import Table
 
