@@ -14,6 +14,7 @@ import typer
 
 from smpo_cli import __version__
 from smpo_cli.cli import env as env_cmd
+from smpo_cli.cli import generate as generate_cmd
 from smpo_cli.cli import invert as invert_cmd
 from smpo_cli.cli import quickstart as quickstart_cmd
 from smpo_cli.cli import recipe as recipe_cmd
@@ -74,6 +75,7 @@ def root(
 app.command(name="score", epilog=score_cmd.EPILOG)(score_cmd.score)
 app.command(name="invert", epilog=invert_cmd.EPILOG)(invert_cmd.invert)
 app.command(name="train", epilog=train_cmd.EPILOG)(train_cmd.train)
+app.command(name="generate", epilog=generate_cmd.EPILOG)(generate_cmd.generate)
 app.command(name="quickstart", epilog=quickstart_cmd.EPILOG)(quickstart_cmd.quickstart)
 app.add_typer(recipe_cmd.app, name="recipe")
 app.command(name="env", epilog=env_cmd.EPILOG)(env_cmd.env)

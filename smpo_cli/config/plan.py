@@ -98,6 +98,15 @@ def plan_lines(recipe: BaseModel) -> list[tuple[str, str]]:
         per_pair, where = storage_per_pair(recipe)
         lines.append(("ok", f"training cache (pairs layout): {per_pair / 1024:.1f} KiB per pair in {inv.cache_dtype}, "
                             f"{per_pair * 1e6 / 2**30:.1f} GiB per million pairs (latent size from {where})"))  # fmt: skip
+    if data.stage == "generate":
+        level, what = describe_local_input(data.prompts.path)
+        lines.append((level, f"prompts.path = {data.prompts.path}: {what}"))
+        if data.model.lora:
+            level, what = describe_local_input(data.model.lora)
+            lines.append((level, f"model.lora = {data.model.lora}: {what}"))
+        sp = data.sampling
+        lines.append(("ok", f"{sp.images_per_prompt} image(s) per prompt, {sp.num_inference_steps} steps, "
+                            f"guidance {sp.guidance_scale}, layout {data.layout}"))  # fmt: skip
     if data.stage == "train":
         t, o = data.train, data.optim
         per_process = t.batch_size * t.grad_accum_steps

@@ -361,6 +361,55 @@ class InvertRecipe(Block):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
 
+# ----------------------------------------------------------------------------- generate stage
+class GenerateModelSpec(ModelSpec):
+    """The model to sample from, optionally with LoRA weights from ``smpo train``."""
+
+    lora: str | None = Field(None, description="LoRA weights folder (diffusers format, e.g. a run's lora/).")
+    lora_scale: float = Field(1.0, description="LoRA strength.")
+
+
+class PromptsSpec(Block):
+    """The prompt set."""
+
+    path: str = Field(description="Prompt file or folder: .txt, .jsonl (GenEval metadata too), .json (HPDv2, "
+                      "ImageReward), .tsv/.csv (PartiPrompts), parquet/datasets folder (Pick-a-Pic captions).")
+    column: str | None = Field(None, description="The prompt field/column when it is not prompt/Prompt/caption.")
+    limit: PositiveInt | None = Field(None, description="The first N prompts only.")
+
+
+class SamplingSpec(Block):
+    """How each image is sampled."""
+
+    images_per_prompt: PositiveInt = Field(1, description="Images per prompt (GenEval: 4).")
+    num_inference_steps: PositiveInt = Field(50)
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance (GenEval's generator: 9.0).")
+    scheduler: str | None = Field(None, description="diffusers scheduler class name; null = the model's own.")
+    height: PositiveInt | None = Field(None, description="null = the model's default size.")
+    width: PositiveInt | None = Field(None)
+    negative_prompt: str | None = Field(None)
+    batch_size: PositiveInt = Field(4, description="Images per forward pass (does not change any image).")
+
+
+class GenerateRecipe(Block):
+    """``smpo generate``: images for a prompt set, deterministic per (prompt, sample index)."""
+
+    stage: Literal["generate"] = "generate"
+    schema_version: int = SCHEMA_VERSION
+    seed: int = Field(0, description="Base seed; image k of prompt i uses a seed derived from (seed, i, k).")
+    output_dir: str = Field(description="Image folder; a rerun with the same recipe fills in what is missing.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (under accelerate: prompts split by process).")
+    layout: Literal["flat", "geneval"] = Field(
+        "flat", description="flat: images/PPPPP_KK.png + metadata.jsonl | geneval: PPPPP/samples/KKKK.png + PPPPP/metadata.jsonl."
+    )
+    model: GenerateModelSpec
+    prompts: PromptsSpec
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+
 # ----------------------------------------------------------------------------- registry
-Recipe = ScoreRecipe | InvertRecipe | TrainRecipe
-STAGE_SCHEMAS: dict[str, type[Block]] = {"score": ScoreRecipe, "invert": InvertRecipe, "train": TrainRecipe}
+Recipe = ScoreRecipe | InvertRecipe | TrainRecipe | GenerateRecipe
+STAGE_SCHEMAS: dict[str, type[Block]] = {
+    "score": ScoreRecipe, "invert": InvertRecipe, "train": TrainRecipe, "generate": GenerateRecipe,
+}  # fmt: skip
