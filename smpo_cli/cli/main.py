@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from smpo_cli import __version__
+from smpo_cli.cli import bench as bench_cmd
 from smpo_cli.cli import env as env_cmd
 from smpo_cli.cli import generate as generate_cmd
 from smpo_cli.cli import invert as invert_cmd
@@ -77,6 +78,7 @@ app.command(name="invert", epilog=invert_cmd.EPILOG)(invert_cmd.invert)
 app.command(name="train", epilog=train_cmd.EPILOG)(train_cmd.train)
 app.command(name="generate", epilog=generate_cmd.EPILOG)(generate_cmd.generate)
 app.command(name="quickstart", epilog=quickstart_cmd.EPILOG)(quickstart_cmd.quickstart)
+app.add_typer(bench_cmd.app, name="bench")
 app.add_typer(recipe_cmd.app, name="recipe")
 app.command(name="env", epilog=env_cmd.EPILOG)(env_cmd.env)
 app.command(name="selftest", epilog=selftest_cmd.EPILOG)(selftest_cmd.selftest)

@@ -408,8 +408,39 @@ class GenerateRecipe(Block):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
 
+# ----------------------------------------------------------------------------- bench stage
+class BenchRewardSpec(Block):
+    """One reward model of a benchmark."""
+
+    name: Literal["pickscore", "hpsv2", "imagereward", "aesthetic", "clip"]
+    path: str | None = Field(None, description="Weights (null: the official ones; tiny: the embedded tiny model).")
+    options: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+
+class BenchRecipe(Block):
+    """``smpo bench rewards``: score a model (and a baseline) on a prompt set with reward models."""
+
+    stage: Literal["bench"] = "bench"
+    schema_version: int = SCHEMA_VERSION
+    seed: int = Field(0, description="Sampling seed; model and baseline use the same seed per (prompt, sample).")
+    output_dir: str = Field(description="Benchmark folder: images, results.json, results.md, chart and report.")
+    device: str = Field("auto")
+    model: GenerateModelSpec
+    baseline: GenerateModelSpec | None = Field(None, description="Compared model (win rates); null: the model alone.")
+    prompts: PromptsSpec
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    rewards: list[BenchRewardSpec] = Field(
+        default_factory=lambda: [BenchRewardSpec(name=n) for n in ("pickscore", "hpsv2", "imagereward", "aesthetic", "clip")],
+        description="Reward models to score with.",
+    )
+    reward_batch_size: PositiveInt = Field(16, description="Images per reward-model batch.")
+    report_samples: NonNegInt = Field(16, description="Prompts shown side by side in report.html.")
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+
 # ----------------------------------------------------------------------------- registry
-Recipe = ScoreRecipe | InvertRecipe | TrainRecipe | GenerateRecipe
+Recipe = ScoreRecipe | InvertRecipe | TrainRecipe | GenerateRecipe | BenchRecipe
 STAGE_SCHEMAS: dict[str, type[Block]] = {
     "score": ScoreRecipe, "invert": InvertRecipe, "train": TrainRecipe, "generate": GenerateRecipe,
+    "bench": BenchRecipe,
 }  # fmt: skip

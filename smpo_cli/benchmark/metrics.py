@@ -1,0 +1,50 @@
+"""Benchmark arithmetic as pure functions: means with confidence intervals and win rates.
+
+* mean: the sample mean with a normal-approximation 95% interval, mean +/- 1.96 * sd / sqrt(n);
+* win rate of model over baseline on the same (prompt, sample index): wins count 1, exact ties 0.5,
+  reported in percent (the unit of the Diffusion-DPO / SmPO tables), with a 95% Wilson interval.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+# The output each reward model is reported in, in the units papers use.
+REPORT_OUTPUT = {
+    "pickscore": ("score", "logit_scale x cosine (PickScore paper units, ~20-23)"),
+    "hpsv2": ("score_x100", "100 x cosine (HPSv2 benchmark tables)"),
+    "imagereward": ("score", "normalised ImageReward"),
+    "aesthetic": ("score", "LAION aesthetic, 1-10"),
+    "clip": ("clip_score", "max(100 x cosine, 0), OpenAI ViT-L/14 (torchmetrics)"),
+}
+
+
+def mean_ci(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    n = v.size
+    if n == 0:
+        return {"n": 0, "mean": None, "ci95": None}
+    sd = float(v.std(ddof=1)) if n > 1 else 0.0
+    half = Z95 * sd / math.sqrt(n)
+    mean = float(v.mean())
+    return {"n": int(n), "mean": mean, "sd": sd, "ci95": [mean - half, mean + half]}
+
+
+def win_rate(model, baseline) -> dict:
+    """Percent of paired samples where the model scores higher (ties count half), with a Wilson 95% interval."""
+    a, b = np.asarray(model, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"win rate needs paired scores, got {a.shape} and {b.shape}")
+    n = a.size
+    if n == 0:
+        return {"n": 0, "win_rate": None, "ci95": None}
+    wins = float((a > b).sum() + 0.5 * (a == b).sum())
+    p = wins / n
+    denom = 1 + Z95**2 / n
+    centre = (p + Z95**2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
+    return {"n": int(n), "wins": wins, "win_rate": 100 * p, "ci95": [100 * (centre - half), 100 * (centre + half)]}
