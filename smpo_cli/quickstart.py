@@ -1,20 +1,33 @@
 """``smpo quickstart``: the whole chain on the embedded tiny models, offline, on a CPU.
 
-toy preference pairs -> ``smpo score`` (tiny PickScore-architecture reward) -> ``smpo train`` with
-SmPO (online ReNoise inversion) and with Diffusion-DPO, each through the same stage runner and bundled
-recipes (``tiny_score_cpu``, ``tiny_smpo_cpu``, ``tiny_dpo_cpu``) a user would run by hand.
+1. ``smpo generate``: two samples per toy prompt from the tiny SD1.5-shaped model -> preference pairs;
+2. ``smpo score``: a tiny PickScore-architecture reward labels them and gives p;
+3. ``smpo invert``: the ReNoise training cache of every pair;
+4. ``smpo train``: SmPO (from the cache) and Diffusion-DPO, a few steps each;
+5. ``smpo bench rewards``: each trained model against the base model, with a report.
+
+Every stage is the real one, run with the bundled tiny recipes or tiny overrides a user could type.
+The tiny models are random, so the numbers check the machinery, not the method.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+PROMPTS = [
+    "a red circle", "a blue square", "a green triangle", "a yellow circle", "two red squares",
+    "a blue circle above a red square", "a green square", "three yellow triangles",
+]  # fmt: skip
+RESOLUTION = 32
 
 
 @dataclass
 class QuickstartResult:
     output_dir: str
+    pairs: int
     scored_pairs: int
     runs: list[dict[str, Any]] = field(default_factory=list)
 
@@ -22,31 +35,54 @@ class QuickstartResult:
         return asdict(self)
 
 
-def run_quickstart(output_dir: str | Path, *, steps: int = 4, pairs: int = 16) -> QuickstartResult:
+def run_quickstart(output_dir: str | Path, *, steps: int = 4) -> QuickstartResult:
+    from smpo_cli.benchmark.runner import run_benchmark
     from smpo_cli.config import load_recipe
-    from smpo_cli.data.toy_pairs import write_toy_pairs
+    from smpo_cli.generation.runner import resume_ok as gen_resume
+    from smpo_cli.generation.runner import run_generation
+    from smpo_cli.inversion.runner import resume_ok as inv_resume
+    from smpo_cli.inversion.runner import run_inversion
     from smpo_cli.runs import execute
     from smpo_cli.scoring.runner import run_scoring
     from smpo_cli.training.runner import run_training
 
     root = Path(output_dir)
-    pairs_file = write_toy_pairs(root / "pairs", n=pairs)
-    scored_dir = root / "scored"
-    score = execute(
-        "score",
-        load_recipe("tiny_score_cpu", "score", [f"data.path={pairs_file}", f"output_dir={scored_dir}"]),
-        run_scoring,
-        overwrite=True,
-    )
-    result = QuickstartResult(str(root), score.scored)
-    for method in ("smpo", "dpo"):
-        overrides = [f"data.path={scored_dir}", f"output_dir={root / method}", f"train.max_steps={steps}"]
+    root.mkdir(parents=True, exist_ok=True)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    size = [f"sampling.height={2 * RESOLUTION}", f"sampling.width={2 * RESOLUTION}", "sampling.num_inference_steps=4"]
+    samples = root / "samples"
+    gen = ["model.pretrained=tiny-sd15", f"prompts.path={prompts}", f"output_dir={samples}", "sampling.images_per_prompt=2", *size]
+    execute("generate", load_recipe(None, "generate", gen), run_generation, overwrite=True, resume=gen_resume)
+    pairs = samples / "pairs.jsonl"
+    pairs.write_text("".join(
+        json.dumps({"image_0": f"images/{i:05d}_00.png", "image_1": f"images/{i:05d}_01.png", "prompt": p}) + "\n"
+        for i, p in enumerate(PROMPTS)
+    ))  # fmt: skip
+    scored = root / "scored"
+    score = execute("score", load_recipe("tiny_score_cpu", "score", [f"data.path={pairs}", f"output_dir={scored}"]),
+                    run_scoring, overwrite=True)  # fmt: skip
+    cache = root / "cache"
+    inv = [f"data.path={scored}", f"output_dir={cache}", "model.pretrained=tiny-sd15", f"data.resolution={RESOLUTION}",
+           "data.num_workers=0", "inversion.num_steps=5", "inversion.levels=[199,399,599,799,999]"]  # fmt: skip
+    execute("invert", load_recipe(None, "invert", inv), run_inversion, overwrite=True, resume=inv_resume)
+    result = QuickstartResult(str(root), len(PROMPTS), score.scored)
+    for method, extra in (("smpo", ["inversion.source=cache", f"inversion.cache_path={cache}"]), ("dpo", [])):
+        # a learning rate large enough that a few steps visibly move the tiny model's samples
+        overrides = [f"data.path={scored}", f"output_dir={root / method}", f"train.max_steps={steps}", "optim.lr=2.5e-4",
+                     *extra]  # fmt: skip
         trained = execute("train", load_recipe(f"tiny_{method}_cpu", "train", overrides), run_training, overwrite=True)
+        bench = [f"model.pretrained={trained.model_path}", "baseline.pretrained=tiny-sd15", f"prompts.path={prompts}",
+                 f"output_dir={root / ('bench_' + method)}", "sampling.images_per_prompt=1", *size,
+                 "rewards=[{name: pickscore, path: tiny}]"]  # fmt: skip
+        benched = execute("bench", load_recipe(None, "bench", bench), run_benchmark, overwrite=True)
         last = trained.metrics[-1] if trained.metrics else {}
+        win = benched.metrics["pickscore"]["win_rate_vs_baseline"]["win_rate"]
         result.runs.append({
             "method": method, "steps": trained.steps, "final_loss": trained.final_loss,
             "implicit_acc": last.get("implicit_acc"), "mean_p": last.get("mean_p"),
-            "pairs_per_second": trained.pairs_per_second, "unet_calls_per_step": trained.unet_calls_per_step,
-            "seconds": trained.seconds, "model": trained.model_path,
+            "unet_calls_per_step": trained.unet_calls_per_step, "seconds": trained.seconds,
+            "pickscore_win_rate_vs_base": win, "model": trained.model_path,
+            "report": str(root / ("bench_" + method) / "report.html"),
         })  # fmt: skip
     return result

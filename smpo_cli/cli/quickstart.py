@@ -19,10 +19,10 @@ def quickstart(
     steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Training steps per method.")] = 4,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the whole chain on the embedded tiny models: toy pairs, scoring, SmPO and DPO training.
+    """Run the whole chain on the embedded tiny models: generate pairs, score, invert, train SmPO and DPO, bench.
 
-    Needs no network and no GPU; every stage is the real one (`smpo score`, `smpo train`) with the
-    bundled tiny recipes. Earlier quickstart runs in the output folder are replaced.
+    Needs no network and no GPU; every stage is the real one (smpo generate, score, invert, train,
+    bench rewards) with tiny recipes. Earlier quickstart runs in the output folder are replaced.
     """
     from smpo_cli.quickstart import run_quickstart
 
@@ -32,15 +32,15 @@ def quickstart(
         return
     from rich.table import Table
 
-    table = Table(title=f"smpo quickstart: {result.scored_pairs} scored toy pairs, tiny SD1.5", title_justify="left")
-    for col in ("method", "steps", "loss", "acc", "mean p", "pairs/s", "UNet/step", "s"):
+    table = Table(title=f"smpo quickstart: {result.scored_pairs} pairs sampled and scored, tiny SD1.5", title_justify="left")
+    for col in ("method", "steps", "loss", "acc", "mean p", "UNet/step", "train s", "win % vs base"):
         table.add_column(col, no_wrap=True)
     for r in result.runs:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         table.add_row(r["method"], str(r["steps"]), fmt(r["final_loss"], ".4f"), fmt(r["implicit_acc"], ".2f"),
-                      fmt(r["mean_p"], ".3f"), fmt(r["pairs_per_second"], ".2f"), fmt(r["unet_calls_per_step"], "g"),
-                      fmt(r["seconds"], ".1f"))  # fmt: skip
+                      fmt(r["mean_p"], ".3f"), fmt(r["unet_calls_per_step"], "g"), fmt(r["seconds"], ".1f"),
+                      fmt(r["pickscore_win_rate_vs_base"], ".1f"))  # fmt: skip
     out.print(table)
     for r in result.runs:
-        out.print(f"{r['method']} model: {r['model']}", highlight=False)
+        out.print(f"{r['method']}: model {r['model']}, report {r['report']}", highlight=False)
     err.print(f"all outputs: {result.output_dir}", highlight=False)

@@ -54,10 +54,13 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     out = tmp_path / "qs"
     assert run(["quickstart", "-o", str(out), "--steps", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["scored_pairs"] == 16 and [r["method"] for r in result["runs"]] == ["smpo", "dpo"]
+    assert result["scored_pairs"] == 8 and [r["method"] for r in result["runs"]] == ["smpo", "dpo"]
     for r in result["runs"]:
-        assert r["steps"] == 2 and Path(r["model"]).is_dir()
-    for stage_dir in ("scored", "smpo", "dpo"):
+        assert r["steps"] == 2 and Path(r["model"]).is_dir() and Path(r["report"]).is_file()
+        assert 0 <= r["pickscore_win_rate_vs_base"] <= 100
+    smpo, dpo = result["runs"]
+    assert smpo["unet_calls_per_step"] == dpo["unet_calls_per_step"] == 4  # SmPO from the cache: DPO's cost
+    for stage_dir in ("samples", "scored", "cache", "smpo", "dpo", "bench_smpo", "bench_dpo"):
         manifest = json.loads((out / stage_dir / "run.json").read_text())
         assert manifest["status"] == "success" and (out / stage_dir / "recipe.resolved.yaml").is_file()
     assert run(["quickstart", "-o", str(out), "--steps", "1"]) == 0  # a rerun replaces the earlier one
