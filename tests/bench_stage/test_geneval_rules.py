@@ -1,0 +1,109 @@
+"""GenEval's rules on hand-made detections: every task and the edge cases."""
+
+import pytest
+
+from smpo_cli.benchmark.geneval_rules import Detection, Rules, evaluate_image, relations, summarize
+
+
+def det(x1, y1, x2, y2, score=0.95, index=0):
+    return Detection((x1, y1, x2, y2), score, index)
+
+
+def test_single_object_threshold():
+    meta = {"tag": "single_object", "include": [{"class": "cup", "count": 1}]}
+    assert evaluate_image(meta, {"cup": [det(0, 0, 10, 10, 0.31)]}).correct
+    v = evaluate_image(meta, {"cup": [det(0, 0, 10, 10, 0.29)]})
+    assert not v.correct and "expected cup>=1, found 0" in v.reason
+
+
+def test_two_objects_and_max_objects():
+    meta = {"tag": "two_object", "include": [{"class": "cup", "count": 1}, {"class": "dog", "count": 1}]}
+    assert evaluate_image(meta, {"cup": [det(0, 0, 5, 5)], "dog": [det(10, 10, 20, 20)]}).correct
+    assert not evaluate_image(meta, {"cup": [det(0, 0, 5, 5)]}).correct
+    many = [det(i, i, i + 1, i + 1, 0.5 + i / 100) for i in range(20)]
+    v = evaluate_image({"tag": "single_object", "include": [{"class": "cup", "count": 1}]}, {"cup": many})
+    assert len(v.kept["cup"]) == 16 and v.kept["cup"][0].score == pytest.approx(0.69)
+
+
+def test_counting_is_exact_with_the_09_threshold():
+    meta = {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}]}
+    two = [det(0, 0, 5, 5, 0.95), det(10, 0, 15, 5, 0.92)]
+    assert evaluate_image(meta, {"dog": two}).correct
+    assert evaluate_image(meta, {"dog": [*two, det(20, 0, 25, 5, 0.5)]}).correct  # third below 0.9: not counted
+    v = evaluate_image(meta, {"dog": [*two, det(20, 0, 25, 5, 0.91)]})  # N+1 -> wrong
+    assert not v.correct and "expected dog<3, found 3" in v.reason
+    assert not evaluate_image(meta, {"dog": [det(0, 0, 5, 5, 0.95), det(10, 0, 15, 5, 0.85)]}).correct
+
+
+def test_colours_use_the_top_objects_only():
+    meta = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]}
+    colours = {0: "blue", 1: "red"}
+    by_index = lambda cls, d: colours[d.index]  # noqa: E731
+    dets = [det(0, 0, 5, 5, 0.9, index=0), det(10, 10, 20, 20, 0.8, index=1)]
+    v = evaluate_image(meta, {"car": dets}, by_index)  # the top car is blue: wrong, even though a red car exists
+    assert not v.correct and "expected red car>=1, found 0 red" in v.reason
+    dets = [det(0, 0, 5, 5, 0.7, index=0), det(10, 10, 20, 20, 0.8, index=1)]
+    assert evaluate_image(meta, {"car": dets}, by_index).correct
+
+
+def test_color_attr_checks_each_object_its_own_colour():
+    meta = {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"},
+                                             {"class": "cup", "count": 1, "color": "blue"}]}  # fmt: skip
+    truth = {"car": "red", "cup": "blue"}
+    dets = {"car": [det(0, 0, 5, 5)], "cup": [det(10, 10, 15, 15)]}
+    assert evaluate_image(meta, dets, lambda cls, d: truth[cls]).correct
+    swapped = {"car": "blue", "cup": "red"}  # colours bound to the wrong objects
+    assert not evaluate_image(meta, dets, lambda cls, d: swapped[cls]).correct
+
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ((0, 0, 10, 10), (50, 0, 60, 10), {"left of"}),
+        ((50, 0, 60, 10), (0, 0, 10, 10), {"right of"}),
+        ((0, 0, 10, 10), (0, 50, 10, 60), {"above"}),
+        ((0, 50, 10, 60), (0, 0, 10, 10), {"below"}),
+        ((0, 0, 10, 10), (1, 1, 11, 11), set()),  # offsets inside the margin: no relation
+        ((0, 0, 10, 10), (40, 40, 50, 50), {"left of", "above"}),  # diagonal: both hold
+    ],
+)
+def test_relations(a, b, expected):
+    assert relations(a, b, 0.1) == expected
+
+
+def test_position_margin_boundary():
+    # widths 10 + 10 -> margin 2 on x. Offset 2 shrinks to 0 (no relation at all); the shrunk offset is divided
+    # by the unshrunk one, so offset 4 gives exactly -0.5 (not < -0.5: no relation) and 4.5 gives -0.56 (left of)
+    assert relations((0, 0, 10, 10), (2, 0, 12, 10), 0.1) == set()
+    assert relations((0, 0, 10, 10), (4, 0, 14, 10), 0.1) == set()
+    assert relations((0, 0, 10, 10), (4.5, 0, 14.5, 10), 0.1) == {"left of"}
+
+
+def test_position_clause_refers_to_group_zero():
+    meta = {"tag": "position", "include": [{"class": "dog", "count": 1},
+                                           {"class": "cup", "count": 1, "position": ["left of", 0]}]}  # fmt: skip
+    assert evaluate_image(meta, {"dog": [det(50, 0, 60, 10)], "cup": [det(0, 0, 10, 10)]}).correct
+    assert not evaluate_image(meta, {"dog": [det(0, 0, 10, 10)], "cup": [det(50, 0, 60, 10)]}).correct
+    v = evaluate_image(meta, {"cup": [det(0, 0, 10, 10)]})
+    assert not v.correct and "no target" in v.reason
+
+
+def test_nms_only_when_asked():
+    dets = [det(0, 0, 10, 10, 0.9), det(0, 0, 10, 10, 0.8)]
+    meta = {"tag": "counting", "include": [{"class": "cup", "count": 1}], "exclude": [{"class": "cup", "count": 2}]}
+    assert not evaluate_image(meta, {"cup": [det(0, 0, 10, 10, 0.95), det(0, 0, 10, 10, 0.94)]}).correct
+    assert evaluate_image(meta, {"cup": [det(0, 0, 10, 10, 0.95), det(0, 0, 10, 10, 0.94)]}, rules=Rules(max_overlap=0.5)).correct
+    assert len(dets) == 2
+
+
+def test_summary_is_the_mean_of_task_accuracies():
+    results = [{"tag": "single_object", "prompt_index": 0, "correct": True},
+               {"tag": "single_object", "prompt_index": 0, "correct": True},
+               {"tag": "counting", "prompt_index": 1, "correct": False},
+               {"tag": "counting", "prompt_index": 1, "correct": True},
+               {"tag": "counting", "prompt_index": 2, "correct": False},
+               {"tag": "counting", "prompt_index": 2, "correct": False}]  # fmt: skip
+    s = summarize(results)
+    assert s["tasks"] == {"single_object": 1.0, "counting": 0.25}
+    assert s["overall"] == pytest.approx(0.625)  # not the 3/6 image mean
+    assert s["images_correct"] == pytest.approx(0.5) and s["prompts_with_a_correct_image"] == pytest.approx(2 / 3)
