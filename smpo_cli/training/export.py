@@ -1,67 +1,157 @@
-"""The trained model on disk, in formats the stock diffusers pipelines read.
+"""The trained model on disk, in formats the stock diffusers pipelines read. Every write is atomic.
 
-* full fine-tuning: a complete pipeline folder (``DiffusionPipeline.from_pretrained(dest)``);
-* LoRA: ``pytorch_lora_weights.safetensors`` in the diffusers LoRA format
-  (``pipeline.load_lora_weights(dest)``), plus ``smpo_lora.json`` with rank, alpha and base model.
-Everything is written atomically.
+* ``save_lora``: a folder with ``pytorch_lora_weights.safetensors`` in the diffusers LoRA format
+  (``StableDiffusionPipeline.load_lora_weights(dest)`` / ``StableDiffusionXLPipeline...``) and
+  ``smpo_lora.json`` (family, rank, alpha, target modules, base model).
+* ``save_pipeline``: a complete diffusers pipeline folder (safetensors) with the trained UNet in
+  place of the original one (``DiffusionPipeline.from_pretrained(dest)``).
+* ``save_unet``: the UNet folder alone (``UNet2DConditionModel.from_pretrained(dest)``).
+
+A UNet that carries a LoRA adapter is refused by ``save_pipeline`` / ``save_unet`` unless
+``merge_lora=True``: then the adapter is fused into a *copy* of the UNet (the trained one keeps its
+adapter; the copy costs one more UNet in memory for the duration of the save).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import math
 from pathlib import Path
+from typing import Any
 
-from smpo_cli.errors import UsageError
+from smpo_cli.errors import OutputDirError, UsageError
+from smpo_cli.training.lora import adapter_name, has_lora
 from smpo_cli.utils.atomic import atomic_path
 from smpo_cli.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+LORA_INFO_NAME = "smpo_lora.json"
 
-def _has_adapter(unet) -> bool:
-    return bool(getattr(unet, "peft_config", None))
 
+def save_lora(unet: Any, dest: str | Path, family: str, *, base_model: str | None = None) -> Path:
+    """Write the LoRA of ``unet`` as a diffusers LoRA folder at ``dest``; return ``dest``.
 
-def save_lora(unet, dest: str | Path, family: str, *, base_model: str | None = None) -> Path:
+    The LoRA scale ``alpha / rank`` is folded into the ``lora.up`` weights and the stored adapter
+    config says ``lora_alpha = rank``, so every loader gives the trained model: diffusers with or
+    without reading the adapter metadata (older releases assume ``alpha = rank``), and tools that
+    read diffusers-format LoRAs without an alpha. The training alpha is kept in ``smpo_lora.json``.
+    """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
-    if not _has_adapter(unet):
-        raise UsageError("save_lora needs a UNet with a LoRA adapter", hint="use save_pipeline for full fine-tuning")
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    config = next(iter(unet.peft_config.values()))
-    dest = Path(dest)
+    pipeline_cls = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}.get(family)
+    if pipeline_cls is None:
+        raise UsageError(
+            f"unknown model family {family!r}", hint="use 'sd15' or 'sdxl' (DiffusionComponents.family)"
+        )
+    if not has_lora(unet):
+        raise UsageError(
+            "save_lora needs a UNet with a LoRA adapter", hint="use save_pipeline for full fine-tuning"
+        )
+    name = adapter_name(unet)
+    config = unet.peft_config[name]
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()
+    }
+    metadata = config.to_dict()
+    scale = _lora_scale(config)
+    if scale is not None and scale != 1.0:
+        state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+        metadata.update(lora_alpha=config.r, use_rslora=False)
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
+    layers = convert_state_dict_to_diffusers(state)
+    targets = config.target_modules
+    info = {
+        "format": "diffusers-lora",
+        "weight_name": LORA_WEIGHT_NAME,
+        "family": family,
+        "rank": config.r,
+        "alpha": config.lora_alpha,
+        "scale_folded_into_weights": scale if scale is not None and scale != 1.0 else None,
+        "target_modules": sorted(targets) if not isinstance(targets, str) else targets,
+        "base_model": base_model if base_model is not None else _base_model(unet),
+    }
+    dest = _check_dest(dest)
     with atomic_path(dest) as tmp:
         tmp.mkdir(parents=True)
-        pipeline_cls.save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True)
-        (tmp / "smpo_lora.json").write_text(json.dumps({
-            "family": family, "rank": config.r, "alpha": config.lora_alpha,
-            "target_modules": sorted(config.target_modules), "base_model": base_model,
-        }, indent=2))  # fmt: skip
-    logger.info("saved LoRA weights to %s", dest)
+        pipeline_cls.save_lora_weights(
+            str(tmp),
+            unet_lora_layers=layers,
+            weight_name=LORA_WEIGHT_NAME,
+            safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
+        )
+        (tmp / LORA_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    logger.info("saved LoRA weights (rank %d, %d tensors) to %s", config.r, len(layers), dest)
     return dest
 
 
-def save_unet(unet, dest: str | Path) -> Path:
-    if _has_adapter(unet):
-        raise UsageError("this UNet carries a LoRA adapter", hint="save it with save_lora")
-    dest = Path(dest)
+def save_unet(unet: Any, dest: str | Path, *, merge_lora: bool = False) -> Path:
+    """Write ``unet`` as a diffusers model folder (``config.json`` + safetensors); return ``dest``."""
+    unet = _plain_unet(unet, merge_lora, "save_unet")
+    dest = _check_dest(dest)
     with atomic_path(dest) as tmp:
         unet.save_pretrained(str(tmp), safe_serialization=True)
+    logger.info("saved the UNet to %s", dest)
     return dest
 
 
-def save_pipeline(components, unet, dest: str | Path) -> Path:
-    """A full diffusers pipeline folder with ``unet`` in place of the original one (fp32 weights)."""
-    if _has_adapter(unet):
-        raise UsageError("this UNet carries a LoRA adapter", hint="save it with save_lora")
-    pipe = components.pipeline()
-    pipe.unet = unet
-    pipe.register_modules(unet=unet)
-    dest = Path(dest)
+def save_pipeline(components: Any, unet: Any, dest: str | Path, *, merge_lora: bool = False) -> Path:
+    """Write the pipeline of ``components`` with ``unet`` in place of its UNet; return ``dest``.
+
+    Weights are saved in the dtype they are in memory (a trained fp32 UNet next to an fp16 VAE
+    stays so). No safety checker / watermarker is saved, as ``DiffusionComponents.pipeline`` builds.
+    """
+    unet = _plain_unet(unet, merge_lora, "save_pipeline")
+    pipe = dataclasses.replace(components, unet=unet).pipeline()
+    dest = _check_dest(dest)
     with atomic_path(dest) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
     logger.info("saved the trained pipeline to %s", dest)
+    return dest
+
+
+def merged_copy(unet: Any) -> Any:
+    """A copy of ``unet`` with its LoRA fused into the base weights and the adapter removed."""
+    merged = copy.deepcopy(unet)
+    merged.fuse_lora(lora_scale=1.0)
+    merged.unload_lora()
+    return merged
+
+
+def _plain_unet(unet: Any, merge_lora: bool, what: str) -> Any:
+    if not has_lora(unet):
+        return unet
+    if not merge_lora:
+        raise UsageError(
+            f"{what}: this UNet carries a LoRA adapter, which a plain UNet folder cannot hold",
+            hint="save the adapter with save_lora, or pass merge_lora=True to fuse it into a copy",
+        )
+    adapter_name(unet)  # exactly one adapter
+    return merged_copy(unet)
+
+
+def _lora_scale(config: Any) -> float | None:
+    """``alpha / r`` (``/ sqrt(r)`` with rsLoRA), or None when per-module patterns make it vary."""
+    if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
+        return None
+    root = math.sqrt(config.r) if getattr(config, "use_rslora", False) else config.r
+    return float(config.lora_alpha) / root
+
+
+def _base_model(unet: Any) -> str | None:
+    name = getattr(getattr(unet, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _check_dest(dest: str | Path) -> Path:
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise OutputDirError(f"{dest} exists and is not a folder", hint="choose another destination")
     return dest
