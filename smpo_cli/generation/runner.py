@@ -100,7 +100,9 @@ def run_generation(recipe: GenerateRecipe) -> GenerateResult:
     generated = 0
     gen_seconds = 0.0
     if jobs:
-        device = str(state.device) if state.distributed_type.value != "NO" or recipe.device == "auto" else recipe.device
+        from smpo_cli.utils.distributed import stage_device
+
+        device = stage_device(state, recipe.device)
         m = recipe.model
         comps = load_components(m.pretrained, family=m.family, vae=m.vae, unet=m.unet, config=m.config,
                                 revision=m.revision, variant=m.variant, dtype=m.dtype, device=device)  # fmt: skip

@@ -368,11 +368,9 @@ def run_inversion(recipe: InvertRecipe) -> InvertResult:
         store.write_fingerprint(fingerprint(recipe))
     done = {s.index for s in shards if store.is_done(s.index)}
     mine = [s for s in store.mine(shards, state.process_index, state.num_processes) if s.index not in done]
-    device = (
-        str(state.device)
-        if state.distributed_type.value != "NO" or recipe.device == "auto"
-        else recipe.device
-    )
+    from smpo_cli.utils.distributed import stage_device
+
+    device = stage_device(state, recipe.device)
     m = recipe.model
     comps = load_components(m.pretrained, family=m.family, vae=m.vae, unet=m.unet, config=m.config,
                             revision=m.revision, variant=m.variant, dtype=m.dtype, device=device)  # fmt: skip

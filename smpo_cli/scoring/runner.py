@@ -110,10 +110,9 @@ def _fixed_range(recipe: ScoreRecipe, output: str) -> tuple[float, float] | None
 def _resolve_device_dtype(recipe: ScoreRecipe, state) -> tuple[str, str]:
     import torch
 
-    if state.distributed_type.value != "NO" or recipe.device == "auto":
-        device = str(state.device)
-    else:
-        device = recipe.device
+    from smpo_cli.utils.distributed import stage_device
+
+    device = stage_device(state, recipe.device)
     dtype = recipe.reward.dtype
     if dtype == "auto":
         dtype = "float16" if torch.device(device).type == "cuda" else "float32"

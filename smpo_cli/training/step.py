@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from smpo_cli.config.schema import TrainRecipe
-from smpo_cli.inversion.schedule import NoiseSchedule, implied_noise, inversion_grid
+from smpo_cli.inversion.schedule import NoiseSchedule, forward_noise, implied_noise, inversion_grid
 
 
 @dataclass
@@ -93,7 +93,7 @@ def micro_batch_loss(models: StepModels, batch: dict[str, Any], gen: torch.Gener
         t = _sample_t(models, P, gen)
         eps = torch.randn(x0_w.shape, generator=gen).to(device)
         abar = models.schedule.abar(t).to(device)
-        x_t = _noised(x0_w, eps, abar)
+        x_t = forward_noise(x0_w, eps, abar)
         target = _target(models, eps, x0_w, abar)
         with models.autocast():
             pred = _forward(models.unet, x_t, t.to(device), cond_w)
@@ -116,7 +116,7 @@ def micro_batch_loss(models: StepModels, batch: dict[str, Any], gen: torch.Gener
         t = t_pair.repeat(2)
         eps = torch.randn((P, *x0.shape[1:]), generator=gen).to(device).repeat(2, 1, 1, 1)
         abar = models.schedule.abar(t).to(device)
-        x_t = _noised(x0, eps, abar)
+        x_t = forward_noise(x0, eps, abar)
         tau = eps
     target = _target(models, tau, x0, abar)
     with models.autocast():
@@ -140,11 +140,6 @@ def micro_batch_loss(models: StepModels, batch: dict[str, Any], gen: torch.Gener
         "mean_p": float(p.mean()), "mean_t": float(t_pair.float().mean()), "unet_calls": calls,
     }  # fmt: skip
     return out.loss, metrics
-
-
-def _noised(x0: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    a = abar.view(-1, *([1] * (x0.dim() - 1))).to(torch.float64)
-    return (a.sqrt() * x0.double() + (1 - a).sqrt() * eps.double()).float()
 
 
 def _target(models: StepModels, tau: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:

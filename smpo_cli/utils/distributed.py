@@ -22,3 +22,10 @@ def barrier() -> None:
         from accelerate import PartialState
 
         PartialState().wait_for_everyone()
+
+
+def stage_device(state, requested: str) -> str:
+    """The device of this process: accelerate's under a launcher or for ``auto``, else the one asked for."""
+    if state.distributed_type.value != "NO" or requested == "auto":
+        return str(state.device)
+    return requested
