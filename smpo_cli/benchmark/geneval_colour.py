@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+from smpo_cli.benchmark.geneval_rules import COLOURS
+
 TEMPLATES = ("a photo of a {color} {object}", "a photo of a {color}-colored {object}", "a photo of a {color} object")
 BACKGROUND = (153, 153, 153)  # "#999"
 

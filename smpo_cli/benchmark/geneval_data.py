@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smpo_cli.benchmark.geneval_colour import COLOURS
-from smpo_cli.benchmark.geneval_rules import TASKS
+from smpo_cli.benchmark.geneval_rules import COLOURS, TASKS
 from smpo_cli.errors import AssetNotFoundError, DataError
 
 RELATIONS = ("left of", "right of", "above", "below")

@@ -3,7 +3,7 @@
 Given the detections of one image (per class: boxes with scores, best first or not) and the prompt's
 metadata line, decide whether the image is correct, exactly as the official evaluator does:
 
-* keep per class the detections with score >= ``threshold`` (``counting_threshold`` for counting
+* keep per class the detections with score > ``threshold`` (strictly, as the official code) (``counting_threshold`` for counting
   prompts), at most ``max_objects`` of them by score, optional greedy NMS (``max_overlap`` 1.0 = off);
 * ``include`` clauses are ANDed: the top-``count`` detections of the class must exist; with a colour, at
   least ``count`` of them must be classified as that colour; with a position ``[relation, group]``, every
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")  # GenEval's order
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
@@ -32,6 +33,8 @@ class Detection:
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 (mmdet's +1 convention: x2 = last column + 1)
     score: float
     index: int = 0  # which detection of its class, for the colour classifier
+    # the binary instance mask (H, W) bool, for the colour judge; not part of equality
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def _iou(a, b) -> float:
 
 
 def keep_detections(dets: Sequence[Detection], threshold: float, rules: Rules) -> list[Detection]:
-    kept = sorted((d for d in dets if d.score >= threshold), key=lambda d: -d.score)[: rules.max_objects]
+    kept = sorted((d for d in dets if d.score > threshold), key=lambda d: -d.score)[: rules.max_objects]
     if rules.max_overlap < 1.0:
         out: list[Detection] = []
         for d in kept:
@@ -103,39 +106,42 @@ def evaluate_image(
 ) -> ImageVerdict:
     threshold = rules.counting_threshold if metadata.get("tag") == "counting" else rules.threshold
     kept = {cls: keep_detections(dets, threshold, rules) for cls, dets in detections.items()}
-    found_groups: list[list[Detection] | None] = []
+    # A clause whose objects, colour or position fail is "unmatched": later position clauses that
+    # refer to it have no target, and its own position is not checked (as the official evaluator).
+    matched_groups: list[list[Detection] | None] = []
     correct, reasons = True, []
     for clause in metadata.get("include", []):
         cls, count = clause["class"], int(clause["count"])
         found = kept.get(cls, [])[:count]
+        matched = True
         if len(found) < count:
-            correct = False
+            correct = matched = False
             reasons.append(f"expected {cls}>={count}, found {len(found)}")
-            found_groups.append(None)
-            continue
-        if "color" in clause:
-            if colour_of is None:
-                raise ValueError("a colour clause needs a colour classifier")
-            colours = [colour_of(cls, d) for d in found]
-            matching = sum(c == clause["color"] for c in colours)
-            if matching < count:
-                correct = False
-                reasons.append(f"expected {clause['color']} {cls}>={count}, found {matching} {clause['color']}; "
-                               f"and {len(found) - matching} {', '.join(c for c in colours if c != clause['color'])}")  # fmt: skip
-        if "position" in clause and clause["position"]:
-            relation, group = clause["position"][0], int(clause["position"][1])
-            targets = found_groups[group] if group < len(found_groups) else None
-            if targets is None:
-                correct = False
-                reasons.append(f"no target for {cls} to be {relation}")
-            else:
-                for obj in found:
-                    for target in targets:
-                        rel = relations(obj.box, target.box, rules.position_threshold)
-                        if relation not in rel:
-                            correct = False
-                            reasons.append(f"expected {cls} {relation} target, found {' and '.join(sorted(rel)) or 'no relation'}")
-        found_groups.append(found)
+        else:
+            if "color" in clause:
+                if colour_of is None:
+                    raise ValueError("a colour clause needs a colour classifier")
+                colours = [colour_of(cls, d) for d in found]
+                wanted = clause["color"]
+                if colours.count(wanted) < count:
+                    correct = matched = False
+                    tally = ", ".join(f"{colours.count(c)} {c}" for c in COLOURS if c in colours)
+                    reasons.append(f"expected {wanted} {cls}>={count}, found {colours.count(wanted)} {wanted}; and {tally}")
+            if clause.get("position") and matched:
+                relation, group = clause["position"][0], int(clause["position"][1])
+                targets = matched_groups[group] if group < len(matched_groups) else None
+                if targets is None:
+                    correct = matched = False
+                    reasons.append(f"no target for {cls} to be {relation}")
+                else:
+                    for obj in found:  # the first failing pair is reported
+                        failing = [t for t in targets if relation not in relations(obj.box, t.box, rules.position_threshold)]
+                        if failing:
+                            rel = relations(obj.box, failing[0].box, rules.position_threshold)
+                            correct = matched = False
+                            reasons.append(f"expected {cls} {relation} target, found {' and '.join(sorted(rel))} target")
+                            break
+        matched_groups.append(found if matched else None)
     for clause in metadata.get("exclude", []):
         cls, count = clause["class"], int(clause["count"])
         if len(kept.get(cls, [])) >= count:

@@ -58,12 +58,17 @@ def write_chart(result, dest: Path) -> None:
         img.save(tmp, format="PNG")
 
 
+def image_data_uri(img: Image.Image, fmt: str = "PNG") -> str:
+    """``img`` embedded in a self-contained page."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def _thumb(path: Path, size: int = 192) -> str:
     img = Image.open(path).convert("RGB")
     img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return image_data_uri(img)
 
 
 def write_report(result, recipe, sides: dict, prompts, dest: Path) -> None:

@@ -21,6 +21,7 @@ from smpo_cli.cli import quickstart as quickstart_cmd
 from smpo_cli.cli import recipe as recipe_cmd
 from smpo_cli.cli import score as score_cmd
 from smpo_cli.cli import selftest as selftest_cmd
+from smpo_cli.cli import shapes as shapes_cmd
 from smpo_cli.cli import train as train_cmd
 from smpo_cli.cli._console import debug_enabled, err, print_error, print_traceback, setup_logging
 from smpo_cli.errors import SmpoError
@@ -80,6 +81,7 @@ app.command(name="generate", epilog=generate_cmd.EPILOG)(generate_cmd.generate)
 app.command(name="quickstart", epilog=quickstart_cmd.EPILOG)(quickstart_cmd.quickstart)
 app.add_typer(bench_cmd.app, name="bench")
 app.add_typer(recipe_cmd.app, name="recipe")
+app.add_typer(shapes_cmd.app, name="shapes")
 app.command(name="env", epilog=env_cmd.EPILOG)(env_cmd.env)
 app.command(name="selftest", epilog=selftest_cmd.EPILOG)(selftest_cmd.selftest)
 

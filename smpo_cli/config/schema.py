@@ -438,9 +438,149 @@ class BenchRecipe(Block):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
 
+# ----------------------------------------------------------------------------- geneval stage
+class GenevalSamplingSpec(SamplingSpec):
+    """Sampling for GenEval: its reference generator's settings (4 images, 50 steps, guidance 9)."""
+
+    images_per_prompt: PositiveInt = Field(4, description="Images per prompt (GenEval: 4).")
+    guidance_scale: float = Field(9.0, ge=0, description="Classifier-free guidance (GenEval's generator: 9.0).")
+
+
+class DetectorSpec(Block):
+    """The object detector whose detections the GenEval rules judge."""
+
+    backend: Literal["auto", "transformers", "mmdet"] = Field(
+        "auto", description="auto: mmdet when path is a .pth checkpoint (mmdet must be installed), else transformers | "
+        "transformers: Mask2Former via transformers (installs anywhere) | mmdet: the official evaluator's detector."
+    )
+    path: str | None = Field(
+        None, description="transformers: folder or hub id (null: facebook/mask2former-swin-small-coco-instance; "
+        "tiny: a random tiny model for plumbing) | mmdet: the official .pth checkpoint."
+    )
+    mmdet_config: str | None = Field(
+        None, description="mmdet: the config file (null: mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py of the installed mmdet)."
+    )
+    batch_size: PositiveInt = Field(4, description="Images per detector forward pass (does not change any result).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("float32", description="Detector weights' dtype.")
+
+
+class ColourJudgeSpec(Block):
+    """The zero-shot CLIP colour classifier."""
+
+    path: str | None = Field(
+        None, description="CLIP folder or hub id (null: openai/clip-vit-large-patch14, as GenEval; tiny: random tiny CLIP)."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "float32", description="The official run uses CUDA fp16 autocast; float32 is the reference here."
+    )
+
+
+class GenevalRulesSpec(Block):
+    """The official evaluator's thresholds (its --options), defaults as shipped."""
+
+    threshold: Probability = Field(0.3, description="Minimum detection score (all tasks but counting).")
+    counting_threshold: Probability = Field(0.9, description="Minimum detection score for counting prompts.")
+    max_objects: PositiveInt = Field(16, description="Keep at most N detections per class, best first.")
+    max_overlap: Probability = Field(1.0, description="Per-class greedy NMS IoU; 1.0 disables it (the default).")
+    position_threshold: float = Field(0.1, ge=0, description="Margin factor of the relative-position rule.")
+
+
+class GenevalRecipe(Block):
+    """``smpo bench geneval``: GenEval (Ghosh et al. 2023) on a model's samples or an existing image folder."""
+
+    stage: Literal["geneval"] = "geneval"
+    schema_version: int = SCHEMA_VERSION
+    seed: int = Field(0, description="Sampling seed; image k of prompt i uses a seed derived from (seed, i, k).")
+    output_dir: str = Field(description="Benchmark folder: images/, results.jsonl, results.json, results.md, failures.html.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    metadata: str | None = Field(
+        None, description="GenEval's evaluation_metadata.jsonl: a path, or hf://datasets/OWNER/NAME/FILE on the hub. "
+        "Needed to generate; an existing image folder carries its own metadata."
+    )
+    images: str | None = Field(None, description="Evaluate this existing GenEval image folder (NNNNN/metadata.jsonl + NNNNN/samples/*.png).")
+    model: GenerateModelSpec | None = Field(None, description="Generate the images with this model (into output_dir/images).")
+    limit: PositiveInt | None = Field(None, description="The first N prompts only (a quick look; not a GenEval score).")
+    sampling: GenevalSamplingSpec = Field(default_factory=GenevalSamplingSpec)
+    detector: DetectorSpec = Field(default_factory=DetectorSpec)
+    colour: ColourJudgeSpec = Field(default_factory=ColourJudgeSpec)
+    rules: GenevalRulesSpec = Field(default_factory=GenevalRulesSpec)
+    failures_per_task: NonNegInt = Field(12, description="Failed images shown per task in failures.html.")
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GenevalRecipe:
+        if (self.images is None) == (self.model is None):
+            raise ValueError("give exactly one of model (--model M: generate the images) or images (--images DIR: an existing GenEval folder)")
+        if self.model is not None and self.metadata is None:
+            raise ValueError("metadata is required to generate: the path of GenEval's evaluation_metadata.jsonl")
+        return self
+
+
+# ----------------------------------------------------------------------------- shapes base model
+class ShapesDataSpec(Block):
+    """Rendered scenes of the shapes world the base model learns from."""
+
+    images: PositiveInt = Field(60_000, description="Scenes rendered (deterministic by seed; ~2 s for 60k).")
+    size: PositiveInt = Field(32, description="Image side in pixels.")
+    split_seed: int = Field(0, description="Seed of the train/held-out caption split (held-out captions are never rendered).")
+
+
+class ShapesModelSpec(Block):
+    """Sizes of the tiny SD1.5-layout model."""
+
+    vae_channels: list[PositiveInt] = Field([32, 64, 64], description="AutoencoderKL block widths (3 levels: 4x down-sampling).")
+    unet_channels: list[PositiveInt] = Field([64, 128, 128], description="UNet block widths (3 levels).")
+    text_width: PositiveInt = Field(128, description="CLIP text encoder width (= cross-attention dim).")
+    text_layers: PositiveInt = Field(2, description="CLIP text encoder layers.")
+
+    @model_validator(mode="after")
+    def _three_levels(self) -> ShapesModelSpec:
+        if len(self.vae_channels) != 3 or len(self.unet_channels) != 3:
+            raise ValueError("model.vae_channels and model.unet_channels need 3 entries each (the SD1.5-like layout)")
+        return self
+
+
+class ShapesVaeSpec(Block):
+    steps: PositiveInt = Field(900, description="VAE optimiser steps (~0.33 s each on 2 CPU cores at batch 64).")
+    batch_size: PositiveInt = Field(64)
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate, cosine-decayed to final_lr.")
+    final_lr: float = Field(2e-5, gt=0)
+    kl_weight: float = Field(1e-6, ge=0, description="Weight of the posterior KL term.")
+
+
+class ShapesUnetSpec(Block):
+    steps: PositiveInt = Field(3800, description="UNet + text encoder optimiser steps (~0.31 s each on 2 CPU cores at batch 64).")
+    batch_size: PositiveInt = Field(64)
+    lr: float = Field(6e-4, gt=0, description="AdamW peak learning rate.")
+    final_lr_fraction: Probability = Field(0.1, description="Cosine decay to this fraction of lr.")
+    warmup_steps: NonNegInt = Field(200)
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    empty_prompt_prob: Probability = Field(0.1, description="Caption dropped (classifier-free guidance).")
+    ema_decay: Probability = Field(0.999, description="EMA decay cap (warm-up (1+s)/(10+s)); the EMA weights are saved.")
+
+
+class ShapesPretrainRecipe(Block):
+    """``smpo shapes pretrain``: the shapes world's base model, trained from scratch on a CPU."""
+
+    stage: Literal["shapes_pretrain"] = "shapes_pretrain"
+    schema_version: int = SCHEMA_VERSION
+    seed: int = Field(0, description="Seed of the scenes, the initial weights and every random draw of training.")
+    output_dir: str = Field(description="Run folder: tokenizer/, pipeline/ (diffusers format), summary.json.")
+    data: ShapesDataSpec = Field(default_factory=ShapesDataSpec)
+    model: ShapesModelSpec = Field(default_factory=ShapesModelSpec)
+    vae: ShapesVaeSpec = Field(default_factory=ShapesVaeSpec)
+    unet: ShapesUnetSpec = Field(default_factory=ShapesUnetSpec)
+    export_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of the saved weights (float16 halves the shipped size; load in float32)."
+    )
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+
 # ----------------------------------------------------------------------------- registry
-Recipe = ScoreRecipe | InvertRecipe | TrainRecipe | GenerateRecipe | BenchRecipe
+Recipe = ScoreRecipe | InvertRecipe | TrainRecipe | GenerateRecipe | BenchRecipe | GenevalRecipe | ShapesPretrainRecipe
 STAGE_SCHEMAS: dict[str, type[Block]] = {
     "score": ScoreRecipe, "invert": InvertRecipe, "train": TrainRecipe, "generate": GenerateRecipe,
-    "bench": BenchRecipe,
+    "bench": BenchRecipe, "geneval": GenevalRecipe,
+    "shapes_pretrain": ShapesPretrainRecipe,
 }  # fmt: skip

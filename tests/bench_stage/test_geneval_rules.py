@@ -107,3 +107,31 @@ def test_summary_is_the_mean_of_task_accuracies():
     assert s["tasks"] == {"single_object": 1.0, "counting": 0.25}
     assert s["overall"] == pytest.approx(0.625)  # not the 3/6 image mean
     assert s["images_correct"] == pytest.approx(0.5) and s["prompts_with_a_correct_image"] == pytest.approx(2 / 3)
+
+
+def test_threshold_is_strict_as_the_official_code():
+    meta = {"tag": "single_object", "include": [{"class": "cup", "count": 1}]}
+    assert not evaluate_image(meta, {"cup": [det(0, 0, 5, 5, 0.3)]}).correct
+    assert evaluate_image(meta, {"cup": [det(0, 0, 5, 5, 0.3001)]}).correct
+    counting = {"tag": "counting", "include": [{"class": "cup", "count": 1}], "exclude": [{"class": "cup", "count": 2}]}
+    assert not evaluate_image(counting, {"cup": [det(0, 0, 5, 5, 0.9)]}).correct
+
+
+def test_a_wrong_colour_unmatches_the_group_and_skips_its_position():
+    meta = {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"},
+                                             {"class": "cup", "count": 1, "color": "blue", "position": ["left of", 0]}]}  # fmt: skip
+    dets = {"car": [det(50, 0, 60, 10)], "cup": [det(0, 0, 10, 10)]}
+    v = evaluate_image(meta, dets, lambda cls, d: {"car": "green", "cup": "blue"}[cls])
+    # the car is green: its group is unmatched, so the cup has no target (official reason texts)
+    assert not v.correct
+    assert v.reason.splitlines() == ["expected red car>=1, found 0 red; and 1 green", "no target for cup to be left of"]
+    v = evaluate_image(meta, {"car": [det(0, 0, 10, 10)], "cup": [det(50, 0, 60, 10)]}, lambda cls, d: {"car": "red", "cup": "pink"}[cls])
+    assert v.reason == "expected blue cup>=1, found 0 blue; and 1 pink"  # colour failed: position not checked
+
+
+def test_position_reports_the_first_failing_pair_only():
+    meta = {"tag": "position", "include": [{"class": "dog", "count": 2},
+                                           {"class": "cup", "count": 1, "position": ["right of", 0]}]}  # fmt: skip
+    dets = {"dog": [det(50, 0, 60, 10), det(80, 0, 90, 10, 0.9)], "cup": [det(0, 0, 10, 10)]}
+    v = evaluate_image(meta, dets)
+    assert not v.correct and v.reason == "expected cup right of target, found left of target"

@@ -1,0 +1,79 @@
+"""The shapes base model's pretraining, cut down to seconds: structure, formats and determinism, not quality."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from smpo_cli.config.schema import ShapesPretrainRecipe
+from smpo_cli.shapes.base_model import _Ema, _lr_lambda, run_pretrain, write_world_tokenizer
+from smpo_cli.shapes.world import VOCABULARY
+
+pytestmark = pytest.mark.integration
+
+
+def _recipe(out, **over):
+    data = {"output_dir": str(out), "data": {"images": 128}, "vae": {"steps": 2, "batch_size": 4},
+            "unet": {"steps": 3, "batch_size": 4, "warmup_steps": 1}}  # fmt: skip
+    data.update(over)
+    return ShapesPretrainRecipe.model_validate(data)
+
+
+def test_every_world_word_is_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(write_world_tokenizer(tmp_path / "tok"))
+    for word in VOCABULARY:
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tok("an orange square to the left of a blue circle").input_ids
+    assert len(ids) == 12 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.model_max_length == 16
+
+
+def test_pretrain_writes_a_loadable_sd15_pipeline(tmp_path):
+    from smpo_cli.models.loading import load_components
+
+    result = run_pretrain(_recipe(tmp_path / "run"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["unet_steps"] == 3 and summary["images"] == 128
+    assert math.isfinite(summary["final_loss"]) and summary["parameters"]["unet"] > 1_000_000
+    parts = load_components(result.pipeline_dir, dtype="float32")  # the path every SD1.5 checkpoint takes
+    assert parts.family == "sd15"
+    assert parts.vae.config.scaling_factor == pytest.approx(result.scaling_factor, rel=1e-4)
+    assert type(parts.scheduler).__name__ == "DDIMScheduler"
+    assert parts.unet.dtype == torch.float32  # stored in float16, loaded as asked
+    from safetensors import safe_open
+
+    with safe_open(f"{result.pipeline_dir}/unet/diffusion_pytorch_model.safetensors", "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    # 32x32 images by default: 8x8 latents through a 4x VAE
+    assert parts.unet.config.sample_size * 4 == 32
+
+
+def test_pretrain_is_deterministic(tmp_path):
+    a = run_pretrain(_recipe(tmp_path / "a", export_dtype="float32"))
+    b = run_pretrain(_recipe(tmp_path / "b", export_dtype="float32"))
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (tmp_path / "a" / "pipeline" / part).read_bytes() == (tmp_path / "b" / "pipeline" / part).read_bytes()
+    assert a.final_loss == b.final_loss
+
+
+def test_learning_rate_schedule_closed_form():
+    f = _lr_lambda(warmup=4, total=14, floor=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+
+
+def test_ema_uses_the_warm_up_decay():
+    p = torch.nn.Parameter(torch.zeros(1))
+    module = torch.nn.Module()
+    module.p = p
+    ema = _Ema([module], cap=0.999)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update()  # decay (1 + 1) / (10 + 1) = 2/11: shadow = 0 * 2/11 + 1 * 9/11
+    assert ema.shadow[0].item() == pytest.approx(9 / 11)
+    ema.copy_to()
+    assert p.item() == pytest.approx(9 / 11)
