@@ -9,6 +9,7 @@ import typer
 from smpo_cli.cli._console import err, out
 from smpo_cli.cli._runner import printed_as_json, run_stage
 from smpo_cli.cli.options import DryRunOpt, JsonOpt, OutputDirOpt, OverridesArg, OverwriteOpt, RecipeOpt
+from smpo_cli.cli.shapes import EPILOG_RUN, run_experiment
 
 app = typer.Typer(
     help="Benchmark a model (and a baseline) on prompt sets.",
@@ -96,3 +97,7 @@ def geneval(
 
     out.print((Path(result.output_dir) / "results.md").read_text(), markup=False, highlight=False)
     err.print(f"failures: {result.output_dir}/failures.html", highlight=False)
+
+
+# the shapes experiment lives in `smpo shapes run`; `smpo bench shapes` is the same command
+app.command("shapes", epilog=EPILOG_RUN)(run_experiment)

@@ -19,6 +19,8 @@ def describe_model_ref(ref: str) -> tuple[str, str]:
     """Classify a model reference without loading it: (level, description)."""
     if ref in TINY_NAMES:
         return "ok", "embedded tiny model (built locally on first use)"
+    if ref == "shapes-sd15":
+        return "ok", "the shapes testbed's base model, shipped with smpo"
     path = Path(ref).expanduser()
     if path.is_dir():
         return "ok", "local folder"

@@ -577,10 +577,87 @@ class ShapesPretrainRecipe(Block):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
 
+# ----------------------------------------------------------------------------- shapes experiment
+class ShapesPairsSpec(Block):
+    """Preference pairs sampled from the base model on training captions, labelled by simulated annotators."""
+
+    count: PositiveInt = Field(1024, description="Pairs (two samples of one caption each).")
+    num_inference_steps: PositiveInt = Field(20, description="DDIM steps when sampling pairs and evaluation images.")
+    guidance_scale: float = Field(4.0, ge=0, description="Classifier-free guidance when sampling.")
+    reward_noise_std: float = Field(0.0, ge=0, description="Gaussian noise on the judge's score used as the smoothing reward.")
+    batch_size: PositiveInt = Field(64, description="Images per sampling forward pass.")
+
+
+class ShapesMethodSpec(Block):
+    """One arm of the experiment: a training method and its data."""
+
+    name: str = Field(description="Label in the tables, e.g. smpo, dpo, smpo_no_inversion.")
+    method: Literal["smpo", "dpo", "sft"] = Field(description="Loss (method.name of smpo train).")
+    labels: Literal["human", "reward"] = Field(
+        description="human: the sampled annotator's vote orders the pair | reward: the judge's score does (SmPO)."
+    )
+    inversion: Literal["cache", "none"] = Field("none", description="cache: SmPO's ReNoise trajectory | none: random noise.")
+    binary_labels: bool = Field(False, description="SmPO with p = 1 (no smoothing).")
+    beta: float | None = Field(None, gt=0, description="null: the experiment's train.beta.")
+
+
+def _default_arms() -> list[ShapesMethodSpec]:
+    return [
+        ShapesMethodSpec(name="dpo", method="dpo", labels="human"),
+        ShapesMethodSpec(name="smpo", method="smpo", labels="reward", inversion="cache"),
+        ShapesMethodSpec(name="smpo_no_inversion", method="smpo", labels="reward"),
+        ShapesMethodSpec(name="smpo_binary", method="smpo", labels="reward", inversion="cache", binary_labels=True),
+        ShapesMethodSpec(name="sft", method="sft", labels="human"),
+    ]
+
+
+class ShapesTrainSpec(Block):
+    """The compute budget every arm gets (same pairs, same steps, same batch)."""
+
+    steps: PositiveInt = Field(150, description="Optimiser steps per run.")
+    batch_size: PositiveInt = Field(16, description="Pairs per step.")
+    lr: float = Field(2e-5, gt=0, description="AdamW learning rate (constant).")
+    beta: float = Field(2000.0, gt=0, description="DPO/SmPO temperature (the paper's SD1.5 SmPO value).")
+    gamma: float = Field(10.0, gt=0, description="SmPO's gamma.")
+    inversion_steps: PositiveInt = Field(10, description="ReNoise grid steps of the inversion cache.")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="Training seeds per arm.")
+
+
+class ShapesEvalSpec(Block):
+    heldout_captions: PositiveInt = Field(48, description="GenEval-form held-out captions evaluated (all when fewer).")
+    train_captions: PositiveInt = Field(48, description="GenEval-form training captions evaluated.")
+    images_per_caption: PositiveInt = Field(4, description="Samples per caption (same seeds for every model).")
+    grid_captions: PositiveInt = Field(8, description="Captions shown in the sample grids.")
+
+
+class ShapesBenchRecipe(Block):
+    """``smpo shapes run`` / ``smpo bench shapes``: SmPO vs DPO and ablations in the shapes world."""
+
+    stage: Literal["shapes_bench"] = "shapes_bench"
+    schema_version: int = SCHEMA_VERSION
+    seed: int = Field(0, description="Seed of the pair captions, sampling, annotator votes and evaluation captions.")
+    output_dir: str = Field(description="Experiment folder: pairs/, cache/, runs/, eval/, results.json, results.md, PNGs.")
+    device: Literal["auto", "cpu"] = Field("cpu", description="The testbed is sized for a CPU.")
+    model: str = Field("shapes-sd15", description="Base model: the shipped shapes-sd15 or a pipeline from smpo shapes pretrain.")
+    split_seed: int = Field(0, description="Train/held-out caption split (must match the base model's pretraining).")
+    pairs: ShapesPairsSpec = Field(default_factory=ShapesPairsSpec)
+    arms: list[ShapesMethodSpec] = Field(default_factory=_default_arms, min_length=1)
+    train: ShapesTrainSpec = Field(default_factory=ShapesTrainSpec)
+    eval: ShapesEvalSpec = Field(default_factory=ShapesEvalSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+    @model_validator(mode="after")
+    def _unique_arms(self) -> ShapesBenchRecipe:
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names) or "base" in names:
+            raise ValueError("arms[].name must be unique and not 'base'")
+        return self
+
+
 # ----------------------------------------------------------------------------- registry
-Recipe = ScoreRecipe | InvertRecipe | TrainRecipe | GenerateRecipe | BenchRecipe | GenevalRecipe | ShapesPretrainRecipe
+Recipe = ScoreRecipe | InvertRecipe | TrainRecipe | GenerateRecipe | BenchRecipe | GenevalRecipe | ShapesPretrainRecipe | ShapesBenchRecipe
 STAGE_SCHEMAS: dict[str, type[Block]] = {
     "score": ScoreRecipe, "invert": InvertRecipe, "train": TrainRecipe, "generate": GenerateRecipe,
     "bench": BenchRecipe, "geneval": GenevalRecipe,
-    "shapes_pretrain": ShapesPretrainRecipe,
+    "shapes_pretrain": ShapesPretrainRecipe, "shapes_bench": ShapesBenchRecipe,
 }  # fmt: skip

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from smpo_cli.errors import AssetNotFoundError, ModelLoadError, SmpoError, UsageError
+from smpo_cli.models.shipped import shipped_model_path
 from smpo_cli.models.tiny import is_tiny_name, materialize_tiny
 from smpo_cli.utils.devices import resolve_device, resolve_dtype  # noqa: F401 (re-exported)
 from smpo_cli.utils.logging import get_logger, warning_once
@@ -211,6 +212,12 @@ def _resolve_source(
     if is_tiny_name(text):
         path = materialize_tiny(text)
         return _Source("folder", str(path), f"{text} ({path})")
+    shipped = shipped_model_path(text)
+    if shipped is not None:
+        if not (shipped / "model_index.json").is_file():
+            raise AssetNotFoundError(f"{what} {text}: the shipped weights are missing from {shipped}",
+                                     hint="reinstall smpo (the wheel carries them) or make them: smpo shapes pretrain")  # fmt: skip
+        return _Source("folder", str(shipped), f"{text} ({shipped})")
     path = Path(text).expanduser()
     if path.exists():
         if path.is_dir():
@@ -234,7 +241,7 @@ def _resolve_source(
     raise AssetNotFoundError(
         f"{what} {text} does not exist",
         hint="give an existing local folder or file, a hub repo id (org/name) or "
-        + ", ".join(f"'{n}'" for n in ("tiny-sd15", "tiny-sdxl")),
+        + ", ".join(f"'{n}'" for n in ("tiny-sd15", "tiny-sdxl", "shapes-sd15")),
     )
 
 

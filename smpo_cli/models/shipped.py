@@ -1,0 +1,17 @@
+"""Models whose weights ship inside the package, addressed by name like a hub id.
+
+``shapes-sd15``: the shapes testbed's base model (SD1.5 layout, 32x32 images, float16 safetensors),
+made by ``smpo shapes pretrain --recipe shapes_base_cpu`` (see the README's shapes testbed section).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED_MODELS: dict[str, Path] = {"shapes-sd15": ASSETS / "shapes-sd15"}
+
+
+def shipped_model_path(name: object) -> Path | None:
+    """The folder of shipped model ``name``; None when ``name`` is not a shipped model's name."""
+    return SHIPPED_MODELS.get(name) if isinstance(name, str) else None

@@ -1,0 +1,335 @@
+"""``run_shapes_bench(recipe)``: SmPO vs Diffusion-DPO and ablations in the shapes world, with error bars.
+
+Every step is a real smpo stage on the real on-disk formats:
+
+1. **pairs**: ``smpo generate`` samples two images for each of ``pairs.count`` training captions from the
+   base model; the judge reads them; the annotator population labels them. ``pairs/pairs.jsonl`` holds,
+   per pair, the human label (one sampled annotator's vote), the population's true preference, and two
+   "scored" views that ``smpo train`` reads: ``human_winner`` (with p = 1) and ``judge_winner`` /
+   ``judge_p`` (p = softmax of the judge's scores, already on [0, 1], so min-max normalisation is the
+   identity);
+2. **cache**: ``smpo invert`` computes the ReNoise trajectory cache of every pair once, with the base model;
+3. **runs**: ``smpo train`` for every arm x seed, same pairs, steps, batch and learning rate;
+4. **eval**: ``smpo generate`` on held-out and training captions in GenEval form with the same seeds for
+   every model; the judge gives per-skill accuracy and score; the population gives the mean true
+   preference over the base model's image of the same seed (and a win rate); distance from the base is
+   the mean squared difference of the UNets' noise predictions on fixed noisy latents (a KL proxy);
+5. **report**: ``results.json`` (per run and per arm: mean, 95% t-interval over seeds), ``results.md``,
+   ``curves.png`` (training loss and implicit accuracy), ``grid.png`` (samples) and
+   ``over_optimisation.png`` (score vs distance).
+
+Finished stages and runs are reused on a rerun with the same recipe, so an interrupted experiment resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smpo_cli.config.schema import ShapesBenchRecipe, ShapesMethodSpec
+from smpo_cli.utils.atomic import write_json, write_text
+from smpo_cli.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+# two-sided 95% Student-t quantiles by degrees of freedom (n - 1)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+METRICS = ("accuracy", "heldout_accuracy", "score", "true_preference_vs_base", "win_rate_vs_base", "distance", "seconds")
+
+
+@dataclass
+class ShapesBenchResult:
+    output_dir: str
+    pairs: int
+    reward_ties: int
+    label_agreement: dict[str, float]
+    base: dict[str, Any]
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mean_ci(values: list[float]) -> dict[str, float | None]:
+    """Mean and 95% Student-t interval half-width over seeds (None with a single seed)."""
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    half = None
+    if arr.size > 1:
+        t = _T95.get(arr.size - 1, 1.96)
+        half = float(t * arr.std(ddof=1) / math.sqrt(arr.size))
+    return {"mean": float(arr.mean()), "ci95": half, "n": int(arr.size)}
+
+
+# ------------------------------------------------------------------------------------------ resume
+def _store(recipe: ShapesBenchRecipe):
+    from smpo_cli.utils.shards import ShardStore
+
+    return ShardStore(Path(recipe.output_dir), "runs", "", sidecar_dir=".smpo")
+
+
+def fingerprint(recipe: ShapesBenchRecipe) -> dict[str, Any]:
+    """Everything the results depend on: a rerun with other settings must not reuse these runs."""
+    return recipe.model_dump(mode="json", exclude={"output_dir", "logging"})
+
+
+def resume_ok(recipe: ShapesBenchRecipe) -> bool:
+    """True to resume a folder made with the same recipe (OutputDirError when made with another one)."""
+    return _store(recipe).check_fingerprint(fingerprint(recipe), recipe.output_dir)
+
+
+# ------------------------------------------------------------------------------------------ stages
+def _execute(stage: str, data: dict[str, Any], core, resume) -> Any:
+    from smpo_cli.config import LoadedRecipe
+    from smpo_cli.config.loader import validate
+    from smpo_cli.runs import execute
+
+    recipe = validate(data, stage, source=f"(smpo shapes run: {stage})")
+    return execute(stage, LoadedRecipe(recipe, f"(smpo shapes run: {stage})"), core, resume=resume)
+
+
+def _generate(recipe: ShapesBenchRecipe, model: str, prompts: Path, out: Path, images_per_prompt: int, seed: int):
+    from smpo_cli.generation.runner import resume_ok, run_generation
+
+    p = recipe.pairs
+    data = {"stage": "generate", "seed": seed, "device": recipe.device, "output_dir": str(out),
+            "model": {"pretrained": model, "dtype": "float32"}, "prompts": {"path": str(prompts)},
+            "sampling": {"images_per_prompt": images_per_prompt, "num_inference_steps": p.num_inference_steps,
+                         "guidance_scale": p.guidance_scale, "batch_size": p.batch_size},
+            "logging": {"progress": recipe.logging.progress}}  # fmt: skip
+    return _execute("generate", data, run_generation, resume_ok)
+
+
+def _images(folder: Path, n_prompts: int, per_prompt: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(folder / "images" / f"{i:05d}_{k:02d}.png").convert("RGB"))
+                     for i in range(n_prompts) for k in range(per_prompt)])  # fmt: skip
+
+
+def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
+    """Sample, judge and label the pairs; write ``pairs.jsonl`` (the scored dataset every arm trains on)."""
+    from smpo_cli.shapes.annotators import DEFAULT_POPULATION
+    from smpo_cli.shapes.judge import judge_batch
+    from smpo_cli.shapes.world import sample_captions, split_captions
+
+    rng = np.random.default_rng([recipe.seed, 1])
+    train_captions, _ = split_captions(recipe.split_seed)
+    captions = sample_captions(rng, recipe.pairs.count, pool=train_captions)
+    folder = out / "pairs"
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = folder / "captions.txt"
+    write_text(prompts, "".join(c.text + "\n" for c in captions))
+    _generate(recipe, recipe.model, prompts, folder / "samples", 2, recipe.seed)
+    images = _images(folder / "samples", len(captions), 2)
+    verdicts = judge_batch(images, [c for c in captions for _ in range(2)])
+    va, vb = verdicts[0::2], verdicts[1::2]
+    labels = DEFAULT_POPULATION.label_pairs(rng, va, vb, recipe.pairs.reward_noise_std)
+    rows = []
+    for i, c in enumerate(captions):
+        human_winner = 0 if labels.labels[i] == 1 else 1
+        r0, r1 = float(labels.reward_a[i]), float(labels.reward_b[i])
+        judge_winner = 0 if r0 >= r1 else 1
+        rw, rl = (r0, r1) if judge_winner == 0 else (r1, r0)
+        rows.append({
+            "image_0": str((folder / "samples" / "images" / f"{i:05d}_00.png").resolve()),
+            "image_1": str((folder / "samples" / "images" / f"{i:05d}_01.png").resolve()),
+            "prompt": c.text, "skill": c.skill, "label": float(labels.labels[i]),
+            "true_p0": float(labels.true_preference[i]), "annotator": DEFAULT_POPULATION.annotators[labels.annotator[i]].name,
+            "human_winner": human_winner, "human_p": 1.0,
+            "judge_score_0": r0, "judge_score_1": r1, "judge_winner": judge_winner,
+            "judge_p": float(1.0 / (1.0 + math.exp(-(rw - rl)))),
+            "correct_0": bool(va[i].correct), "correct_1": bool(vb[i].correct), "smpo_row": i,
+        })  # fmt: skip
+    write_text(folder / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    true_winner = np.array([0 if r["true_p0"] >= 0.5 else 1 for r in rows])
+    decided = np.array([r["judge_score_0"] != r["judge_score_1"] for r in rows])
+    return {
+        "pairs": len(rows),
+        "reward_ties": int((~decided).sum()),
+        "label_agreement": {
+            # how often each label source names the population's preferred image
+            "human_vote": float(np.mean([r["human_winner"] == t for r, t in zip(rows, true_winner, strict=True)])),
+            "judge_when_decided": float(np.mean([r["judge_winner"] == t for r, t, d in zip(rows, true_winner, decided, strict=True) if d]))
+            if decided.any() else float("nan"),
+        },  # fmt: skip
+        "base_pair_accuracy": float(np.mean([v.correct for v in verdicts])),
+    }
+
+
+def invert_pairs(recipe: ShapesBenchRecipe, out: Path) -> Path:
+    from smpo_cli.inversion.runner import resume_ok, run_inversion
+
+    n = recipe.train.inversion_steps
+    levels = [round((i + 1) * 1000 / n) - 1 for i in range(n)]
+    data = {"stage": "invert", "seed": recipe.seed, "device": recipe.device, "output_dir": str(out / "cache"),
+            "model": {"pretrained": recipe.model, "dtype": "float32"},
+            "data": {"path": str(out / "pairs" / "pairs.jsonl"), "layout": "pairs", "resolution": 32, "num_workers": 0},
+            "inversion": {"method": "renoise", "num_steps": n, "levels": levels, "batch_size": 64},
+            "logging": {"progress": recipe.logging.progress}}  # fmt: skip
+    _execute("invert", data, run_inversion, resume_ok)
+    return out / "cache"
+
+
+def train_arm(recipe: ShapesBenchRecipe, arm: ShapesMethodSpec, seed: int, out: Path) -> dict[str, Any]:
+    """One training run; a finished run (run.json success) is reused."""
+    from smpo_cli.training.runner import run_training
+
+    run_dir = out / "runs" / f"{arm.name}-s{seed}"
+    done = _finished(run_dir)
+    if done is not None:
+        return done
+    t = recipe.train
+    data = {"stage": "train", "seed": seed, "device": recipe.device, "output_dir": str(run_dir),
+            "model": {"pretrained": recipe.model, "dtype": "float32"},
+            "data": {"path": str(out / "pairs" / "pairs.jsonl"), "reward": "human" if arm.labels == "human" else "judge",
+                     "resolution": 32, "num_workers": 0, "empty_prompt_prob": 0.0},
+            "method": {"name": arm.method, "beta": arm.beta or t.beta, "gamma": t.gamma, "binary_labels": arm.binary_labels},
+            "inversion": {"source": arm.inversion, "cache_path": str(out / "cache") if arm.inversion == "cache" else None},
+            "optim": {"name": "adamw", "lr": t.lr, "scale_lr": False, "weight_decay": 0.0, "lr_scheduler": "constant"},
+            "train": {"batch_size": t.batch_size, "max_steps": t.steps},
+            "logging": {"progress": recipe.logging.progress, "log_every_steps": max(1, t.steps // 30)}}  # fmt: skip
+    result = _execute("train", data, run_training, lambda r: False)
+    return result.to_dict()
+
+
+def _finished(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if manifest.get("status") == "success" and manifest.get("result"):
+        return manifest["result"]
+    return None
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def _stratified(pool, n: int, rng: np.random.Generator) -> list:
+    """Up to ``n`` captions drawn round-robin across skills (every skill represented), in pool order."""
+    by_skill: dict[str, list] = {}
+    for c in pool:
+        by_skill.setdefault(c.skill, []).append(c)
+    queues = {s: [cs[i] for i in rng.permutation(len(cs))] for s, cs in sorted(by_skill.items())}
+    chosen: list = []
+    while len(chosen) < n and any(queues.values()):
+        for queue in queues.values():
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop(0))
+    keep = set(map(id, chosen))
+    return [c for c in pool if id(c) in keep]
+
+
+def eval_captions(recipe: ShapesBenchRecipe):
+    """GenEval-form captions, stratified by skill: held-out ones, then training ones (deterministic by seed)."""
+    from smpo_cli.shapes.world import split_captions
+
+    train, heldout = split_captions(recipe.split_seed)
+    rng = np.random.default_rng([recipe.seed, 2])
+    held = _stratified([c for c in heldout if c.geneval_form], recipe.eval.heldout_captions, rng)
+    seen = _stratified([c for c in train if c.geneval_form], recipe.eval.train_captions, rng)
+    return held, seen
+
+
+def unet_distance(base: str, model: str, captions: list[str], seed: int) -> float:
+    """Mean squared difference of the two UNets' noise predictions on the same noisy latents and captions."""
+    import torch
+
+    from smpo_cli.models.loading import load_components
+
+    parts = ("unet", "text_encoder", "tokenizer")
+    a = load_components(base, dtype="float32", device="cpu", components=parts)
+    b = load_components(model, dtype="float32", device="cpu", components=parts)
+    gen = torch.Generator().manual_seed(seed)
+    ids = a.tokenizer(captions, padding="max_length", max_length=a.tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids  # fmt: skip
+    size = a.unet.config.sample_size
+    x = torch.randn(len(captions), 4, size, size, generator=gen)
+    t = torch.randint(0, 1000, (len(captions),), generator=gen)
+    with torch.inference_mode():
+        ea = a.unet(x, t, encoder_hidden_states=a.text_encoder(ids)[0]).sample
+        eb = b.unet(x, t, encoder_hidden_states=b.text_encoder(ids)[0]).sample
+    return float((ea - eb).pow(2).mean())
+
+
+def evaluate_model(recipe: ShapesBenchRecipe, model: str, name: str, out: Path, base_verdicts=None) -> dict[str, Any]:
+    """Samples of ``model`` on the evaluation captions, judged; preferences against the base's same-seed images."""
+    from smpo_cli.shapes.annotators import DEFAULT_POPULATION
+    from smpo_cli.shapes.judge import judge_batch
+
+    held, seen = eval_captions(recipe)
+    captions = held + seen
+    k = recipe.eval.images_per_caption
+    folder = out / "eval"
+    prompts = folder / "captions.txt"
+    if not prompts.exists():
+        write_text(prompts, "".join(c.text + "\n" for c in captions))
+    _generate(recipe, model, prompts, folder / name, k, recipe.seed + 1000)
+    images = _images(folder / name, len(captions), k)
+    verdicts = judge_batch(images, [c for c in captions for _ in range(k)])
+    correct = np.array([v.correct for v in verdicts])
+    skills = np.array([c.skill for c in captions for _ in range(k)])
+    heldout = np.array([i < len(held) for i in range(len(captions)) for _ in range(k)])
+    row: dict[str, Any] = {
+        "model": model,
+        "accuracy": float(correct.mean()),
+        "heldout_accuracy": float(correct[heldout].mean()) if heldout.any() else None,
+        "train_caption_accuracy": float(correct[~heldout].mean()) if (~heldout).any() else None,
+        "score": float(np.mean([v.score for v in verdicts])),
+        "skills": {s: float(correct[skills == s].mean()) for s in sorted(set(skills.tolist()))},
+    }
+    if base_verdicts is not None:
+        prefs = np.array([DEFAULT_POPULATION.true_preference(m, b) for m, b in zip(verdicts, base_verdicts, strict=True)])
+        row["true_preference_vs_base"] = float(prefs.mean())
+        row["win_rate_vs_base"] = float(np.mean(np.where(np.isclose(prefs, 0.5), 0.5, prefs > 0.5)))
+    return row, verdicts
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run_shapes_bench(recipe: ShapesBenchRecipe) -> ShapesBenchResult:
+    from smpo_cli.shapes.report import write_curves, write_grid, write_markdown, write_over_optimisation
+
+    started = time.perf_counter()
+    out = Path(recipe.output_dir)
+    _store(recipe).write_fingerprint(fingerprint(recipe))
+    logger.info("shapes bench: sampling and labelling %d pairs", recipe.pairs.count)
+    pair_stats = make_pairs(recipe, out)
+    if any(a.inversion == "cache" for a in recipe.arms):
+        logger.info("shapes bench: ReNoise inversion cache of every pair")
+        invert_pairs(recipe, out)
+    base_row, base_verdicts = evaluate_model(recipe, recipe.model, "base", out)
+    held, seen = eval_captions(recipe)
+    distance_captions = [c.text for c in held + seen]
+    runs = []
+    for arm in recipe.arms:
+        for seed in recipe.train.seeds:
+            logger.info("shapes bench: training %s, seed %d", arm.name, seed)
+            trained = train_arm(recipe, arm, seed, out)
+            row, _ = evaluate_model(recipe, trained["model_path"], f"{arm.name}-s{seed}", out, base_verdicts)
+            row.update(arm=arm.name, seed=seed, seconds=trained["seconds"], final_loss=trained["final_loss"],
+                       distance=unet_distance(recipe.model, trained["model_path"], distance_captions, recipe.seed))  # fmt: skip
+            runs.append(row)
+    arms = {}
+    for arm in recipe.arms:
+        mine = [r for r in runs if r["arm"] == arm.name]
+        summary = {m: mean_ci([r.get(m) for r in mine]) for m in METRICS}
+        skills = sorted({s for r in mine for s in r["skills"]})
+        summary["skills"] = {s: mean_ci([r["skills"].get(s) for r in mine]) for s in skills}
+        arms[arm.name] = summary
+    result = ShapesBenchResult(str(out), pair_stats["pairs"], pair_stats["reward_ties"], pair_stats["label_agreement"],
+                               base_row, arms, runs, round(time.perf_counter() - started, 1))  # fmt: skip
+    write_json(out / "results.json", {**result.to_dict(), "pair_stats": pair_stats,
+                                      "recipe": recipe.model_dump(mode="json")})  # fmt: skip
+    write_text(out / "results.md", write_markdown(result, recipe))
+    write_curves(out, recipe, out / "curves.png")
+    write_over_optimisation(result, out / "over_optimisation.png")
+    write_grid(out, recipe, out / "grid.png")
+    return result

@@ -1,0 +1,77 @@
+"""The shapes experiment end to end, cut down to seconds (a barely trained base model: plumbing, not results)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from smpo_cli.cli.main import run
+from smpo_cli.shapes.experiment import _stratified, mean_ci
+
+pytestmark = pytest.mark.integration
+
+
+def test_mean_ci_is_the_t_interval():
+    m = mean_ci([0.1, 0.2, 0.3])
+    assert m["mean"] == pytest.approx(0.2) and m["n"] == 3
+    assert m["ci95"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert mean_ci([0.5])["ci95"] is None and mean_ci([])["mean"] is None
+
+
+def test_stratified_covers_every_skill():
+    from smpo_cli.shapes.world import all_captions
+
+    pool = list(all_captions(geneval_only=True))
+    chosen = _stratified(pool, 12, np.random.default_rng(0))
+    assert len(chosen) == 12 and {c.skill for c in chosen} == {c.skill for c in pool}
+    assert [pool.index(c) for c in chosen] == sorted(pool.index(c) for c in chosen)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from smpo_cli.config.schema import ShapesPretrainRecipe
+    from smpo_cli.shapes.base_model import run_pretrain
+
+    out = tmp_path_factory.mktemp("base")
+    recipe = ShapesPretrainRecipe.model_validate({"output_dir": str(out), "data": {"images": 256},
+                                                  "vae": {"steps": 2, "batch_size": 8},
+                                                  "unet": {"steps": 4, "batch_size": 8, "warmup_steps": 1}})  # fmt: skip
+    return run_pretrain(recipe).pipeline_dir
+
+
+def test_experiment_runs_every_arm_and_reports(tmp_path, capsys, tiny_base):
+    out = tmp_path / "exp"
+    args = ["-q", "shapes", "run", "-o", str(out), f"model={tiny_base}", "pairs.count=8", "pairs.num_inference_steps=2",
+            "train.steps=2", "train.batch_size=4", "train.seeds=[0,1]", "train.inversion_steps=3",
+            "eval.heldout_captions=3", "eval.train_captions=3", "eval.images_per_caption=2", "--json"]  # fmt: skip
+    assert run(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["arms"]) == {"dpo", "smpo", "smpo_no_inversion", "smpo_binary", "sft"}
+    assert len(result["runs"]) == 10
+    for arm in result["arms"].values():
+        assert arm["accuracy"]["n"] == 2 and arm["distance"]["mean"] >= 0
+    pairs = [json.loads(x) for x in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 8
+    for p in pairs:
+        assert p["human_winner"] == (0 if p["label"] == 1.0 else 1)  # the voter's choice orders DPO's pair
+        lo, hi = sorted((p["judge_score_0"], p["judge_score_1"]))
+        assert p["judge_p"] == pytest.approx(1 / (1 + math.exp(-(hi - lo))))  # softmax of [0, 1] scores
+        assert p["judge_winner"] == (0 if p["judge_score_0"] >= p["judge_score_1"] else 1)
+        assert 0.0 < p["true_p0"] < 1.0
+    # every arm trained on the same pairs with the same budget; the SmPO arms read the inversion cache
+    for name in ("smpo", "smpo_binary"):
+        resolved = (out / "runs" / f"{name}-s0" / "recipe.resolved.yaml").read_text()
+        assert "source: cache" in resolved and "max_steps: 2" in resolved
+    assert "reward: human" in (out / "runs" / "dpo-s0" / "recipe.resolved.yaml").read_text()
+    for png in ("curves.png", "over_optimisation.png", "grid.png"):
+        assert (out / png).stat().st_size > 1000
+    md = (out / "results.md").read_text()
+    assert "| smpo |" in md and "Per-skill accuracy" in md
+    # a rerun reuses every finished run
+    assert run(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in result["runs"]]
+    # ... but not runs made with another budget
+    assert run([*args[:-1], "train.steps=3"]) == 2
+    assert "other settings (train.steps)" in capsys.readouterr().err
