@@ -50,8 +50,6 @@ def _generate(recipe: BenchRecipe, which: str, model) -> GenerateRecipe:
 
 
 def run_benchmark(recipe: BenchRecipe) -> BenchResult:
-    from PIL import Image
-
     from smpo_cli.generation.prompts import load_prompts
     from smpo_cli.generation.runner import image_path
     from smpo_cli.rewards import load_reward
@@ -68,6 +66,8 @@ def run_benchmark(recipe: BenchRecipe) -> BenchResult:
     scores: dict[str, dict[str, list[float]]] = {}
     lines = []
     device = "cuda" if recipe.device == "auto" and _cuda() else ("cpu" if recipe.device == "auto" else recipe.device)
+    # decode every image once, not once per reward model
+    images = {side: [_open_rgb(image_path(gen, i, k)) for i, k in keys] for side, gen in sides.items()}
     for spec in recipe.rewards:
         path = spec.path
         if path == "tiny":
@@ -77,9 +77,8 @@ def run_benchmark(recipe: BenchRecipe) -> BenchResult:
         reward = load_reward(spec.name, path, device=device, dtype="float32", batch_size=recipe.reward_batch_size, **spec.options)
         output, _ = REPORT_OUTPUT[spec.name]
         scores[spec.name] = {}
-        for side, gen in sides.items():
-            images = [Image.open(image_path(gen, i, k)).convert("RGB") for i, k in keys]
-            values = reward.score(images, [text[i] for i, _ in keys])[output].tolist()
+        for side in sides:
+            values = reward.score(images[side], [text[i] for i, _ in keys])[output].tolist()
             scores[spec.name][side] = values
             lines += [{"side": side, "prompt_index": i, "sample_index": k, "reward": spec.name, "output": output,
                        "score": v} for (i, k), v in zip(keys, values, strict=True)]  # fmt: skip
@@ -102,6 +101,13 @@ def run_benchmark(recipe: BenchRecipe) -> BenchResult:
     write_chart(result, out / "chart.png")
     write_report(result, recipe, sides, prompts, out / "report.html")
     return result
+
+
+def _open_rgb(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB")
 
 
 def _cuda() -> bool:

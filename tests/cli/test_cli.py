@@ -14,7 +14,7 @@ from smpo_cli.cli.main import app, run
 from smpo_cli.errors import AssetNotFoundError
 
 runner = CliRunner()
-COMMANDS = [[], ["env"], ["selftest"], ["quickstart"], ["score"], ["invert"], ["train"], ["generate"], ["bench"], ["bench", "rewards"], ["recipe"], ["recipe", "ls"], ["recipe", "show"], ["recipe", "validate"], ["recipe", "cp"]]
+COMMANDS = [[], ["env"], ["selftest"], ["quickstart"], ["score"], ["invert"], ["train"], ["generate"], ["bench"], ["bench", "rewards"], ["bench", "geneval"], ["bench", "shapes"], ["shapes"], ["shapes", "pretrain"], ["shapes", "run"], ["recipe"], ["recipe", "ls"], ["recipe", "show"], ["recipe", "validate"], ["recipe", "cp"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "smpo")
