@@ -1,4 +1,4 @@
-"""``smpo quickstart``: score -> train (SmPO and DPO) on the embedded tiny models, offline."""
+"""``smpo quickstart``: generate -> score -> invert -> train (SmPO and DPO) -> bench on the shipped shapes model, offline."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ def quickstart(
     steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Training steps per method.")] = 4,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the whole chain on the embedded tiny models: generate pairs, score, invert, train SmPO and DPO, bench.
+    """Run the whole chain on the shipped shapes model: generate pairs, score, invert, train SmPO and DPO, bench.
 
     Needs no network and no GPU; every stage is the real one (smpo generate, score, invert, train,
-    bench rewards) with tiny recipes. Earlier quickstart runs in the output folder are replaced.
+    bench rewards) with tiny recipes; the shapes judge checks the pictures. Earlier quickstart runs in
+    the output folder are replaced.
     """
     from smpo_cli.quickstart import run_quickstart
 
@@ -32,14 +33,15 @@ def quickstart(
         return
     from rich.table import Table
 
-    table = Table(title=f"smpo quickstart: {result.scored_pairs} pairs sampled and scored, tiny SD1.5", title_justify="left")
-    for col in ("method", "steps", "loss", "acc", "mean p", "UNet/step", "train s", "win % vs base"):
+    table = Table(title=f"smpo quickstart: {result.scored_pairs} pairs sampled from shapes-sd15 and scored", title_justify="left")
+    for col in ("method", "steps", "loss", "acc", "mean p", "UNet/step", "train s", "win % vs base", "judge ok (base)"):
         table.add_column(col, no_wrap=True)
     for r in result.runs:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         table.add_row(r["method"], str(r["steps"]), fmt(r["final_loss"], ".4f"), fmt(r["implicit_acc"], ".2f"),
                       fmt(r["mean_p"], ".3f"), fmt(r["unet_calls_per_step"], "g"), fmt(r["seconds"], ".1f"),
-                      fmt(r["pickscore_win_rate_vs_base"], ".1f"))  # fmt: skip
+                      fmt(r["pickscore_win_rate_vs_base"], ".1f"),
+                      f"{r['judge_accuracy']:.0%} ({r['base_judge_accuracy']:.0%})")  # fmt: skip
     out.print(table)
     for r in result.runs:
         out.print(f"{r['method']}: model {r['model']}, report {r['report']}", highlight=False)
