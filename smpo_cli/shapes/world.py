@@ -311,7 +311,9 @@ def meaning_group(caption: Caption) -> tuple:
     if caption.skill == "counting":
         return ("counting", objs[0].shape, objs[0].count)
     if len(objs) == 2:
-        return (caption.skill, frozenset((o.shape, o.color) for o in objs))
+        # order-free, and a sorted tuple rather than a frozenset: its repr (the split's sort key) must not
+        # depend on string hashing, which changes from one Python process to the next
+        return (caption.skill, tuple(sorted((o.shape, o.color or "") for o in objs)))
     return (caption.skill, objs[0].shape, objs[0].color)
 
 

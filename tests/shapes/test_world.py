@@ -268,3 +268,21 @@ def test_dataset_generation_is_fast() -> None:
 def test_importing_the_benchmark_leaves_torch_alone() -> None:
     code = "import sys, smpo_cli.shapes; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_split_and_sampling_do_not_depend_on_the_process(tmp_path):
+    """String hashing changes per process (PYTHONHASHSEED): the split must not (the base model's held-out set)."""
+    import subprocess
+    import sys
+
+    code = ("import hashlib, numpy as np\n"
+            "from smpo_cli.shapes.world import split_captions, sample_captions\n"
+            "train, held = split_captions(0)\n"
+            "text = ' '.join(c.text for c in held) + '|' + ' '.join(c.text for c in sample_captions(np.random.default_rng(0), 64, pool=train))\n"
+            "print(hashlib.sha256(text.encode()).hexdigest())\n")  # fmt: skip
+    digests = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": str(h)}).stdout  # fmt: skip
+        for h in (1, 2, 3)
+    }
+    assert len(digests) == 1
