@@ -603,7 +603,7 @@ class ShapesMethodSpec(Block):
 
 def _default_arms() -> list[ShapesMethodSpec]:
     return [
-        ShapesMethodSpec(name="dpo", method="dpo", labels="human"),
+        ShapesMethodSpec(name="dpo", method="dpo", labels="human", beta=5000.0),
         ShapesMethodSpec(name="smpo", method="smpo", labels="reward", inversion="cache"),
         ShapesMethodSpec(name="smpo_no_inversion", method="smpo", labels="reward"),
         ShapesMethodSpec(name="smpo_binary", method="smpo", labels="reward", inversion="cache", binary_labels=True),
@@ -614,10 +614,10 @@ def _default_arms() -> list[ShapesMethodSpec]:
 class ShapesTrainSpec(Block):
     """The compute budget every arm gets (same pairs, same steps, same batch)."""
 
-    steps: PositiveInt = Field(150, description="Optimiser steps per run.")
+    steps: PositiveInt = Field(200, description="Optimiser steps per run.")
     batch_size: PositiveInt = Field(16, description="Pairs per step.")
-    lr: float = Field(2e-5, gt=0, description="AdamW learning rate (constant).")
-    beta: float = Field(2000.0, gt=0, description="DPO/SmPO temperature (the paper's SD1.5 SmPO value).")
+    lr: float = Field(4e-5, gt=0, description="AdamW learning rate (constant).")
+    beta: float = Field(2000.0, gt=0, description="Temperature of arms without their own beta (the paper's SD1.5 SmPO value).")
     gamma: float = Field(10.0, gt=0, description="SmPO's gamma.")
     inversion_steps: PositiveInt = Field(10, description="ReNoise grid steps of the inversion cache.")
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="Training seeds per arm.")

@@ -270,8 +270,7 @@ def evaluate_model(recipe: ShapesBenchRecipe, model: str, name: str, out: Path, 
     k = recipe.eval.images_per_caption
     folder = out / "eval"
     prompts = folder / "captions.txt"
-    if not prompts.exists():
-        write_text(prompts, "".join(c.text + "\n" for c in captions))
+    write_text(prompts, "".join(c.text + "\n" for c in captions))
     _generate(recipe, model, prompts, folder / name, k, recipe.seed + 1000)
     images = _images(folder / name, len(captions), k)
     verdicts = judge_batch(images, [c for c in captions for _ in range(k)])
