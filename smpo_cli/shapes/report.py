@@ -66,7 +66,9 @@ def _axes(draw: ImageDraw.ImageDraw, box, xr, yr, title: str, xlabel: str) -> An
     x0, y0, x1, y1 = box
     draw.rectangle(box, outline=(0, 0, 0))
     draw.text((x0, y0 - 14), title, fill=(0, 0, 0))
-    draw.text((x1 - 60, y1 + 4), xlabel, fill=(0, 0, 0))
+    draw.text((x0 + (x1 - x0) // 2 - 20, y1 + 16), xlabel, fill=(0, 0, 0))
+    draw.text((x0, y1 + 4), f"{xr[0]:.3g}", fill=(0, 0, 0))
+    draw.text((x1 - 40, y1 + 4), f"{xr[1]:.3g}", fill=(0, 0, 0))
     draw.text((x0 - 44, y0), f"{yr[1]:.3g}", fill=(0, 0, 0))
     draw.text((x0 - 44, y1 - 10), f"{yr[0]:.3g}", fill=(0, 0, 0))
 
@@ -88,7 +90,7 @@ def _runs_metrics(out: Path, arm: str, seeds: list[int]) -> list[list[dict[str, 
 
 
 def write_curves(out: Path, recipe, dest: Path) -> None:
-    """Training loss and implicit accuracy per arm (mean over seeds), step on the x axis."""
+    """Training loss and implicit accuracy per arm (mean over seeds, running mean over a tenth of the run)."""
     keys = [("loss", "training loss"), ("implicit_acc", "implicit accuracy")]
     img = Image.new("RGB", (900, 380), "white")
     draw = ImageDraw.Draw(img)
@@ -100,7 +102,10 @@ def write_curves(out: Path, recipe, dest: Path) -> None:
                 continue
             n = min(len(r) for r in runs)
             steps = [row["step"] for row in runs[0][:n]]
-            series[arm.name] = (steps, np.mean([[row[key] for row in r[:n]] for r in runs], axis=0))
+            mean = np.mean([[row[key] for row in r[:n]] for r in runs], axis=0)
+            window = max(1, n // 10)  # a running mean: each logged point is one noisy batch
+            smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
+            series[arm.name] = (steps[window - 1 :], smooth)
         values = np.concatenate([v for _, v in series.values()]) if series else np.array([0.0, 1.0])
         xr = (0, recipe.train.steps)
         yr = (float(values.min()), float(values.max()))
