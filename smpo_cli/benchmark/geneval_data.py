@@ -88,15 +88,9 @@ def check_metadata(entry: Any, where: str) -> dict[str, Any]:
 
 def load_metadata(path: Path) -> list[dict[str, Any]]:
     """Every line of an ``evaluation_metadata.jsonl``, validated."""
-    entries = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n}: not JSON ({exc.msg})") from None
-        entries.append(check_metadata(entry, f"{path}:{n}"))
+    from smpo_cli.generation.prompts import read_jsonl
+
+    entries = [check_metadata(entry, f"{path}:{n}") for n, entry in read_jsonl(path)]
     if not entries:
         raise DataError(f"{path}: no prompts", hint="pass GenEval's evaluation_metadata.jsonl")
     return entries

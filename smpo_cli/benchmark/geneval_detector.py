@@ -220,7 +220,7 @@ def load_mask2former(source: str) -> Any:
     """``Mask2FormerForUniversalSegmentation`` from a folder or hub id, checked to be a COCO-80 instance model."""
     from transformers import AutoConfig, Mask2FormerForUniversalSegmentation
 
-    from smpo_cli.rewards.base import hf_from_pretrained, quiet_transformers
+    from smpo_cli.rewards.base import hf_from_pretrained, quiet_transformers, refuse_missing_weights
 
     with quiet_transformers():
         config = hf_from_pretrained(AutoConfig.from_pretrained, source, what=_WHAT)
@@ -240,20 +240,16 @@ def load_mask2former(source: str) -> Any:
             "%s at %s: %d labels differ from GenEval's class order, e.g. %s", _WHAT, source, len(bad), bad[0]
         )
     with quiet_transformers():
-        model, info = hf_from_pretrained(
+        loaded = hf_from_pretrained(
             Mask2FormerForUniversalSegmentation.from_pretrained,
             source,
             what=_WHAT,
             config=config,
             output_loading_info=True,
         )
-    missing = [k for k in info.get("missing_keys", []) if not k.startswith("criterion.")]
-    if missing:
-        raise ModelLoadError(
-            f"{_WHAT} at {source} lacks {len(missing)} weights (e.g. {sorted(missing)[0]}); refusing random initialisation",
-            hint="point at a full Mask2FormerForUniversalSegmentation checkpoint",
-        )
-    return model
+    # the training loss's buffers (criterion.*) are not in inference checkpoints
+    return refuse_missing_weights(loaded, _WHAT, source, ignore=lambda k: k.startswith("criterion."),
+                                  hint="point at a full Mask2FormerForUniversalSegmentation checkpoint")  # fmt: skip
 
 
 def _as_images(images: Sequence[Image.Image]) -> list[Image.Image]:

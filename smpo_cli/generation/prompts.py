@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,17 @@ def _pick(row: dict, column: str | None, where: str) -> str:
                     hint="name it with prompts.column=...")  # fmt: skip
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line; a bad line is a DataError naming ``path:line``."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not JSON ({exc.msg})") from None
+
+
 def load_prompts(path_str: str, *, fmt: str = "auto", column: str | None = None, limit: int | None = None) -> list[PromptRecord]:
     path = Path(path_str).expanduser()
     if not path.exists():
@@ -78,13 +90,7 @@ def _read(path: Path, fmt: str, column: str | None) -> list[tuple[str, dict]]:
         return [(line.strip(), {}) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if suffix == ".jsonl":
         out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+        for n, row in read_jsonl(path):
             if isinstance(row, str):
                 out.append((row, {}))
             else:

@@ -14,19 +14,18 @@ from typing import Any
 import torch
 from PIL import Image
 
-from smpo_cli.errors import ModelLoadError
-from smpo_cli.rewards.base import hf_from_pretrained, l2_normalize, pil_backend_kwargs, quiet_transformers
+from smpo_cli.rewards.base import (
+    hf_from_pretrained,
+    l2_normalize,
+    pil_backend_kwargs,
+    quiet_transformers,
+    refuse_missing_weights,
+)
 
 
 def _check_loading_info(model_and_info: Any, what: str, source: str) -> Any:
-    model, info = model_and_info
-    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
-    if missing:
-        raise ModelLoadError(
-            f"{what} at {source} lacks {len(missing)} weights (e.g. {missing[0]}); refusing random initialisation",
-            hint="point at a CLIP checkpoint of the expected architecture",
-        )
-    return model
+    return refuse_missing_weights(model_and_info, what, source, ignore=lambda k: k.endswith("position_ids"),
+                                  hint="point at a CLIP checkpoint of the expected architecture")  # fmt: skip
 
 
 def load_clip_model(source: str, *, what: str) -> Any:

@@ -415,6 +415,24 @@ def hf_from_pretrained(loader: Callable[..., Any], source: str, *, what: str, **
         ) from e
 
 
+def refuse_missing_weights(
+    model_and_info: tuple[Any, dict[str, Any]], what: str, source: str, *, ignore: Callable[[str], bool], hint: str
+) -> Any:
+    """The model of ``from_pretrained(..., output_loading_info=True)``; ModelLoadError if weights are missing.
+
+    transformers initialises missing weights randomly and only warns; a reward or judge model must not.
+    ``ignore`` names keys that may legitimately be absent (buffers, training-only heads).
+    """
+    model, info = model_and_info
+    missing = sorted(k for k in info.get("missing_keys", []) if not ignore(k))
+    if missing:
+        raise ModelLoadError(
+            f"{what} at {source} lacks {len(missing)} weights (e.g. {missing[0]}); refusing random initialisation",
+            hint=hint,
+        )
+    return model
+
+
 def load_state_dict_file(path: Path, *, what: str) -> dict[str, Any]:
     """Read a checkpoint: ``.safetensors`` with safetensors, anything else with ``weights_only=True``."""
     try:

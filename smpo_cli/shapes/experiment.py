@@ -239,25 +239,24 @@ def eval_captions(recipe: ShapesBenchRecipe):
     return held, seen
 
 
-def unet_distance(base: str, model: str, captions: list[str], seed: int) -> float:
-    """Mean squared difference of the two UNets' noise predictions on the same noisy latents and captions."""
+def noise_predictions(model: str, captions: list[str], seed: int):
+    """A model's noise predictions on fixed noisy latents (same latents and timesteps for every model, by ``seed``).
+
+    The base model's are computed once; each run's distance from it is the mean squared difference.
+    """
     import torch
 
     from smpo_cli.models.loading import load_components
 
-    parts = ("unet", "text_encoder", "tokenizer")
-    a = load_components(base, dtype="float32", device="cpu", components=parts)
-    b = load_components(model, dtype="float32", device="cpu", components=parts)
+    parts = load_components(model, dtype="float32", device="cpu", components=("unet", "text_encoder", "tokenizer"))
     gen = torch.Generator().manual_seed(seed)
-    ids = a.tokenizer(captions, padding="max_length", max_length=a.tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids  # fmt: skip
-    size = a.unet.config.sample_size
+    ids = parts.tokenizer(captions, padding="max_length", max_length=parts.tokenizer.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids  # fmt: skip
+    size = parts.unet.config.sample_size
     x = torch.randn(len(captions), 4, size, size, generator=gen)
     t = torch.randint(0, 1000, (len(captions),), generator=gen)
     with torch.inference_mode():
-        ea = a.unet(x, t, encoder_hidden_states=a.text_encoder(ids)[0]).sample
-        eb = b.unet(x, t, encoder_hidden_states=b.text_encoder(ids)[0]).sample
-    return float((ea - eb).pow(2).mean())
+        return parts.unet(x, t, encoder_hidden_states=parts.text_encoder(ids)[0]).sample
 
 
 def evaluate_model(recipe: ShapesBenchRecipe, model: str, name: str, out: Path, base_verdicts=None) -> dict[str, Any]:
@@ -306,7 +305,8 @@ def run_shapes_bench(recipe: ShapesBenchRecipe) -> ShapesBenchResult:
         invert_pairs(recipe, out)
     base_row, base_verdicts = evaluate_model(recipe, recipe.model, "base", out)
     held, seen = eval_captions(recipe)
-    distance_captions = [c.text for c in held + seen]
+    probe = [c.text for c in held + seen]  # the captions of the distance probe
+    base_noise = noise_predictions(recipe.model, probe, recipe.seed)
     runs = []
     for arm in recipe.arms:
         for seed in recipe.train.seeds:
@@ -314,7 +314,7 @@ def run_shapes_bench(recipe: ShapesBenchRecipe) -> ShapesBenchResult:
             trained = train_arm(recipe, arm, seed, out)
             row, _ = evaluate_model(recipe, trained["model_path"], f"{arm.name}-s{seed}", out, base_verdicts)
             row.update(arm=arm.name, seed=seed, seconds=trained["seconds"], final_loss=trained["final_loss"],
-                       distance=unet_distance(recipe.model, trained["model_path"], distance_captions, recipe.seed))  # fmt: skip
+                       distance=float((noise_predictions(trained["model_path"], probe, recipe.seed) - base_noise).pow(2).mean()))  # fmt: skip
             runs.append(row)
     arms = {}
     for arm in recipe.arms:
