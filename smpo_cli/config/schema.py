@@ -76,6 +76,11 @@ class TrainDataSpec(Block):
     empty_prompt_prob: Probability = Field(
         0.2, description="Fraction of prompts replaced by '' (keeps classifier-free guidance working)."
     )
+    latents: Literal["sample", "mean"] = Field(
+        "sample",
+        description="VAE posterior sample (what the model was pretrained on; diffusers and Diffusion-DPO) "
+        "or its mean (ablation: shifts the data distribution at low noise).",
+    )
     drop_ties: bool = Field(True, description="Drop pairs whose human label is a tie (label_0 = 0.5).")
     max_pairs: PositiveInt | None = Field(None, description="Use at most this many pairs (debugging).")
     num_workers: NonNegInt = Field(2, description="DataLoader worker processes.")
@@ -305,6 +310,11 @@ class InvertDataSpec(Block):
     image_column: str | None = Field(None, description="images layout: the image column (default image or file_name).")
     prompt_column: str | None = Field(None, description="The prompt column (default prompt, caption or text).")
     resolution: PositiveInt = Field(512, description="Resize the shorter side and centre-crop to this size.")
+    latents: Literal["sample", "mean"] = Field(
+        "sample",
+        description="pairs layout (the training cache): VAE posterior sample per image, seeded by (seed, row, side), "
+        "as training without the cache uses; mean is the ablation. The images layout always inverts the mean.",
+    )
     limit: PositiveInt | None = Field(None, description="Invert only the first N rows.")
     max_image_pixels: PositiveInt = Field(50_000_000, description="Refuse (skip) images larger than this.")
     rows_per_shard: PositiveInt = Field(256, description="Rows per shard: the unit of resumption.")

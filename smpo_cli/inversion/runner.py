@@ -316,7 +316,10 @@ def _pairs_shard(
         ]
         if valid:
             pixels, sizes, crops, prompts = _prepare(valid, res)  # image_0, image_1 of each pair, interleaved
-            x0 = vae_ops.encode(comps.vae, pixels)
+            ids = [row_ids[b.row] if row_ids else shard.start + b.row for b in valid]
+            sample = recipe.data.latents == "sample"
+            seeds = vae_ops.posterior_seeds(recipe.seed, ids) if sample else None
+            x0 = vae_ops.encode(comps.vae, pixels, sample=sample, seeds=seeds)
             cond = inverter.cond(prompts, sizes, crops)
             out = inverter.invert(x0, cond, t, trajectory=True)
             per_level = []

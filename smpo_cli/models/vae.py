@@ -38,19 +38,53 @@ def preprocess(image: Image.Image, resolution: int, rng: np.random.Generator | N
     return Preprocessed(arr, (h, w), (top, left))
 
 
+def posterior_seeds(seed: int, rows, sides=(0, 1)) -> list[int]:
+    """One posterior-noise seed per (row, side), in row-major order: the cache's latent of an image depends on
+    (seed, row id, side) only, so batching, sharding and resuming cannot change it."""
+    return [
+        int(np.random.SeedSequence([seed, int(row), side]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+        for row in rows
+        for side in sides
+    ]
+
+
 def _scale_shift(vae) -> tuple[float, float]:
     cfg = vae.config
     return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
 
 
 @torch.no_grad()
-def encode(vae, pixels: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pixels (B, 3, H, W) in [-1, 1] -> UNet-scale latents (float32). The posterior mean unless ``sample``."""
+def encode(
+    vae,
+    pixels: torch.Tensor,
+    *,
+    sample: bool = False,
+    generator: torch.Generator | None = None,
+    seeds: list[int] | None = None,
+) -> torch.Tensor:
+    """Pixels (B, 3, H, W) in [-1, 1] -> UNet-scale latents (float32).
+
+    The posterior mean, or with ``sample`` a posterior sample mean + std * noise, which is what a latent
+    diffusion model is pretrained on (diffusers' and Diffusion-DPO's training scripts use
+    ``latent_dist.sample()``). Fine-tuning on the mean instead shifts the data distribution at low noise
+    levels: on the shapes model, whose posterior std is 0.24 of the latent std, that shift alone dominated
+    the fine-tuning gradient. The noise comes from ``generator`` (CPU; one draw for the batch) or from one
+    generator per image seeded by ``seeds`` (the same latent for an image whatever the batching).
+    """
     param = next(vae.parameters())
     dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
-    latents = dist.sample(generator) if sample else dist.mean
+    latents = dist.mean.float()
+    if sample:
+        shape = tuple(dist.mean.shape[1:])
+        if seeds is not None:
+            if len(seeds) != len(pixels):
+                raise ValueError(f"{len(seeds)} seeds for {len(pixels)} images")
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        else:
+            noise = torch.randn((len(pixels), *shape), generator=generator)
+        latents = latents + dist.std.float() * noise.to(latents.device)
     scale, shift = _scale_shift(vae)
-    return ((latents.float() - shift) * scale).contiguous()
+    return ((latents - shift) * scale).contiguous()
 
 
 @torch.no_grad()

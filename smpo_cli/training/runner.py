@@ -111,6 +111,11 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
             ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
         if next(unet.parameters()).dtype != torch.float32:
             unet.to(torch.float32)  # fp32 master weights; autocast does the rest
+            if ref_unet is not None and t.mixed_precision == "no":
+                # Without autocast the policy computes in fp32: a reference left in fp16/bf16 would give
+                # different predictions from the same weights, so the DPO/SmPO margin would not start at 0
+                # and every step would carry that rounding bias.
+                ref_unet.to(torch.float32)
         unet.requires_grad_(True)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -83,7 +83,11 @@ def micro_batch_loss(models: StepModels, batch: dict[str, Any], gen: torch.Gener
         value = batch[key]
         return value.transpose(0, 1).reshape(2 * P, *value.shape[2:])
 
-    x0 = both("latents").to(device) if "latents" in batch else vae_ops.encode(models.comps.vae, both("pixels").to(device))
+    if "latents" in batch:  # from the inversion cache
+        x0 = both("latents").to(device)
+    else:
+        sample = r.data.latents == "sample"
+        x0 = vae_ops.encode(models.comps.vae, both("pixels").to(device), sample=sample, generator=gen)
     sizes, crops = both("original_size"), both("crop_top_left")
     prompts = list(batch["prompt"]) * 2
     cond = _cond(models, prompts, sizes, crops, device)

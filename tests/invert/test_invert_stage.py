@@ -130,8 +130,10 @@ def test_training_cache_random_access_matches_direct_inversion(pair_parquet, tmp
     comps = load_components("tiny-sd15")
     pixels = torch.stack([vae_ops.preprocess(smooth_image(13, (48, 40)), 32).pixels,
                           vae_ops.preprocess(smooth_image(23, (40, 56)), 32).pixels])  # fmt: skip
-    x0 = vae_ops.encode(comps.vae, pixels)
+    # posterior samples seeded by (recipe seed, row id, side): pair 103's own noise, whatever its shard
+    x0 = vae_ops.encode(comps.vae, pixels, sample=True, seeds=vae_ops.posterior_seeds(0, [103]))
     torch.testing.assert_close(item["latents"], x0, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(x0, vae_ops.encode(comps.vae, pixels), atol=1e-3)
     sched = NoiseSchedule.from_scheduler(comps.scheduler)
     grid = sorted(set(inversion_grid(5)) | set(levels))
     cond = encode_prompts(comps, ["a dog", "a dog"])

@@ -201,14 +201,51 @@ def test_v_prediction_model_trains(scored, tmp_path):
     assert result.steps == 1 and 0 < result.final_loss < 10
 
 
-# Regenerate: SMPO_PRINT_GOLDEN=1 pytest tests/train -k golden -s  (and paste the printed list here).
-GOLDEN_DPO_LOSSES = [0.693147, 0.694802, 0.69197]
+# Regenerate: SMPO_PRINT_GOLDEN=1 pytest tests/train -k golden -s  (and paste the printed lists here).
+# "mean" is the posterior-mean ablation: it draws no latent noise, so it keeps the losses recorded before
+# training switched to posterior samples (0.1.x), which pins that the switch changed nothing else.
+GOLDEN_DPO_LOSSES = {"sample": [0.693147, 0.704043, 0.708684], "mean": [0.693147, 0.694802, 0.69197]}
 
 
-def test_golden_losses_tiny_dpo(scored, tmp_path):
-    result = train("tiny_dpo_cpu", scored, tmp_path / "g", "train.max_steps=3")
+@pytest.mark.parametrize("latents", ["sample", "mean"])
+def test_golden_losses_tiny_dpo(scored, tmp_path, latents):
+    result = train("tiny_dpo_cpu", scored, tmp_path / "g", "train.max_steps=3", f"data.latents={latents}")
     losses = [round(m["loss"], 6) for m in result.metrics]
     if os.environ.get("SMPO_PRINT_GOLDEN"):
-        print("GOLDEN_DPO_LOSSES =", losses)
+        print("GOLDEN_DPO_LOSSES", latents, "=", losses)
     assert losses[0] == pytest.approx(0.693147, abs=1e-6)  # the policy starts as the reference
-    assert losses == pytest.approx(GOLDEN_DPO_LOSSES, abs=2e-4)
+    assert losses == pytest.approx(GOLDEN_DPO_LOSSES[latents], abs=2e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_reference_starts_equal_to_the_policy(scored, tmp_path, dtype):
+    """Half-precision weights without autocast: the fp32 policy and its frozen reference must predict the same
+    at step 1 (margin 0); a reference left in half precision biased every DPO/SmPO step by its rounding."""
+    out = tmp_path / dtype
+    train("tiny_dpo_cpu", scored, out, "train.max_steps=1", f"model.dtype={dtype}")  # mixed_precision: no (default)
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["model_mse_w"] == row["ref_mse_w"] and row["model_mse_l"] == row["ref_mse_l"]
+    assert row["loss"] == pytest.approx(0.693147, abs=1e-6)
+
+
+def test_training_latents_are_posterior_samples(tmp_path):
+    """Fine-tuning sees the latent distribution the model was pretrained on: posterior samples (diffusers,
+    Diffusion-DPO), not the posterior mean, unless data.latents=mean asks for the ablation."""
+    from smpo_cli.models import load_components
+    from smpo_cli.models import vae as vae_ops
+
+    comps = load_components("tiny-sd15", dtype="float32", device="cpu")
+    pixels = torch.rand(4, 3, 64, 64) * 2 - 1
+    mean = vae_ops.encode(comps.vae, pixels)
+    a = vae_ops.encode(comps.vae, pixels, sample=True, generator=torch.Generator().manual_seed(0))
+    b = vae_ops.encode(comps.vae, pixels, sample=True, seeds=[5, 6, 7, 8])
+    b_again = vae_ops.encode(comps.vae, pixels[2:], sample=True, seeds=[7, 8])
+    std = comps.vae.encode(pixels).latent_dist.std * comps.vae.config.scaling_factor
+    # the residual from the mean is the posterior std times unit noise
+    z = ((a - mean) / std).flatten()
+    assert abs(float(z.std()) - 1.0) < 0.05 and abs(float(z.mean())) < 0.05
+    torch.testing.assert_close(b[2:], b_again)  # per-image seeds: independent of the batch
+    assert not torch.allclose(a, mean)
+    from smpo_cli.config.schema import TrainRecipe
+
+    assert TrainRecipe.model_fields["data"].annotation.model_fields["latents"].default == "sample"
