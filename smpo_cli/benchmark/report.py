@@ -20,6 +20,21 @@ def _fmt(entry: dict | None, pct: bool = False) -> str:
     return f"{value:.2f}% [{lo:.1f}, {hi:.1f}]" if pct else f"{value:.4g} [{lo:.4g}, {hi:.4g}]"
 
 
+def reward_notes(recipe) -> list[str]:
+    """What each reward model is: a win rate is only as meaningful as the reward that produced it."""
+    notes = []
+    for reward in recipe.rewards:
+        if reward.path == "tiny":
+            what = ("a tiny model with random weights, built in-process: it checks the machinery; its scores and "
+                    "win rates say nothing about the images")  # fmt: skip
+        elif reward.path is None:
+            what = "the official weights"
+        else:
+            what = f"weights from `{reward.path}`"
+        notes.append(f"Reward `{reward.name}`: {what}.")
+    return notes
+
+
 def write_markdown(result, recipe) -> str:
     has_base = recipe.baseline is not None
     head = "| reward (units) | model | " + ("baseline | model win rate vs baseline |" if has_base else "")
@@ -32,7 +47,7 @@ def write_markdown(result, recipe) -> str:
         if has_base:
             cells += [_fmt(m.get("baseline")), _fmt(m.get("win_rate_vs_baseline"), pct=True)]
         rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows + [""] + reward_notes(recipe)) + "\n"
 
 
 def write_chart(result, dest: Path) -> None:
@@ -74,7 +89,7 @@ def _thumb(path: Path, size: int = 192) -> str:
 def write_report(result, recipe, sides: dict, prompts, dest: Path) -> None:
     from smpo_cli.generation.runner import image_path
 
-    table = write_markdown(result, recipe).splitlines()[4:]
+    table = [line for line in write_markdown(result, recipe).splitlines()[4:] if line.startswith("|")]
     rows_html = []
     for i, line in enumerate(table):
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -98,6 +113,6 @@ def write_report(result, recipe, sides: dict, prompts, dest: Path) -> None:
 <h1>smpo bench: {html.escape(recipe.model.pretrained)}{" vs " + html.escape(recipe.baseline.pretrained) if recipe.baseline else ""}</h1>
 <p>{result.prompts} prompts from {html.escape(recipe.prompts.path)}, {recipe.sampling.images_per_prompt} image(s) each, same seed per
 (prompt, sample) for both models. Means with 95% intervals; win rates in percent, ties count half.</p>
-<table>{"".join(rows_html)}</table><p><img src="{chart}" alt="chart"></p><h2>Samples</h2>{"".join(grid)}</body></html>
+<table>{"".join(rows_html)}</table>{"".join(f"<p>{html.escape(n.replace('`', ''))}</p>" for n in reward_notes(recipe))}<p><img src="{chart}" alt="chart"></p><h2>Samples</h2>{"".join(grid)}</body></html>
 """
     write_text(dest, page)

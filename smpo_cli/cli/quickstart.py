@@ -34,15 +34,22 @@ def quickstart(
     from rich.table import Table
 
     table = Table(title=f"smpo quickstart: {result.scored_pairs} pairs sampled from shapes-sd15 and scored", title_justify="left")
-    for col in ("method", "steps", "loss", "acc", "mean p", "UNet/step", "train s", "win % vs base", "judge ok (base)"):
+    for col in ("method", "steps", "loss", "judge (base)", "change, pts [95% CI]", "verdict"):
         table.add_column(col, no_wrap=True)
     for r in result.runs:
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        table.add_row(r["method"], str(r["steps"]), fmt(r["final_loss"], ".4f"), fmt(r["implicit_acc"], ".2f"),
-                      fmt(r["mean_p"], ".3f"), fmt(r["unet_calls_per_step"], "g"), fmt(r["seconds"], ".1f"),
-                      fmt(r["pickscore_win_rate_vs_base"], ".1f"),
-                      f"{r['judge_accuracy']:.0%} ({r['base_judge_accuracy']:.0%})")  # fmt: skip
+        lo, hi = r["judge_difference_ci95"]
+        table.add_row(r["method"], str(r["steps"]), "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}",
+                      f"{r['judge_accuracy']:.0%} ({r['base_judge_accuracy']:.0%})",
+                      f"{100 * r['judge_difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", r["judge_verdict"])  # fmt: skip
     out.print(table)
+    n = result.runs[0]["judge_images"] if result.runs else 0
+    out.print(f"judge: the shapes judge on {n} images per model, same prompts and seeds as the base; interval: "
+              "bootstrap over prompts.", highlight=False)  # fmt: skip
+    if all(r["judge_verdict"] != "better" for r in result.runs):
+        out.print("A few steps at this learning rate are too few to show a gain; the quick start checks that every "
+                  "stage runs and that training does not damage the model. What SmPO and DPO do to a model is "
+                  "measured by the shapes testbed: README, 'Shapes testbed' (smpo shapes run).", highlight=False)  # fmt: skip
+    out.print(f"reward (pairs, p and the reports' win rates): {result.reward}.", highlight=False)
     for r in result.runs:
         out.print(f"{r['method']}: model {r['model']}, report {r['report']}", highlight=False)
     err.print(f"all outputs: {result.output_dir}", highlight=False)

@@ -30,6 +30,9 @@ def test_bench_rewards_model_vs_baseline(tmp_path, capsys):
     assert "| pickscore (" in md and "50.00%" in md
     page = (out / "report.html").read_text()
     assert page.startswith("<!doctype html>") and page.count("data:image/png;base64,") == 1 + 2 * 2 * 2
+    # both say what produced the numbers: here random-weight rewards, whose win rates mean nothing
+    for text in (md, page):
+        assert text.count("random weights") == 2 and "say nothing about the images" in text
     from PIL import Image
 
     assert Image.open(out / "chart.png").size[0] == 640

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from smpo_cli.benchmark.metrics import mean_ci, win_rate
+from smpo_cli.benchmark.metrics import mean_ci, paired_bootstrap, win_rate
 
 
 def test_win_rate_hand_computed():
@@ -23,3 +23,32 @@ def test_mean_ci():
     sd = math.sqrt(sum((x - 2.5) ** 2 for x in (1, 2, 3, 4)) / 3)
     assert out["mean"] == 2.5 and out["ci95"] == pytest.approx([2.5 - 1.959963984540054 * sd / 2, 2.5 + 1.959963984540054 * sd / 2])
     assert mean_ci([])["n"] == 0
+
+
+def test_paired_bootstrap_constant_and_normal_limits():
+    import numpy as np
+
+    const = paired_bootstrap([1.0, 0.5, 0.0, 1.0], [0.5, 0.0, -0.5, 0.5])
+    assert const["mean"] == pytest.approx(0.5) and const["ci95"] == pytest.approx([0.5, 0.5])
+    rng = np.random.default_rng(3)
+    a, b = rng.random(4000) < 0.6, rng.random(4000) < 0.5
+    boot = paired_bootstrap(a, b)
+    d = a.astype(float) - b
+    half = 1.96 * d.std(ddof=1) / math.sqrt(d.size)  # the normal interval, which the bootstrap must approach
+    assert boot["ci95"][0] == pytest.approx(d.mean() - half, abs=0.004)
+    assert boot["ci95"][1] == pytest.approx(d.mean() + half, abs=0.004)
+    assert paired_bootstrap(a, b) == boot  # seeded
+
+
+def test_paired_bootstrap_clusters_widen_the_interval():
+    import numpy as np
+
+    # 20 prompts x 8 images; the difference is a per-prompt effect, identical within a prompt
+    effect = np.repeat(np.linspace(-1, 1, 20), 8)
+    flat = paired_bootstrap(effect, np.zeros_like(effect))
+    clustered = paired_bootstrap(effect, np.zeros_like(effect), groups=np.repeat(np.arange(20), 8))
+    assert clustered["groups"] == 20 and flat["groups"] == 160
+    width = lambda r: r["ci95"][1] - r["ci95"][0]  # noqa: E731
+    assert width(clustered) > 2.3 * width(flat)  # sqrt(8) ~ 2.8 in the limit
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0, 2.0], [1.0])
