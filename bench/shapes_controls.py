@@ -1,0 +1,173 @@
+"""Positive controls for fine-tuning the shapes model: can `smpo train` move it toward what its data shows?
+
+Every arm fine-tunes ``shapes-sd15`` with the SFT loss through the real ``smpo train`` (same steps, batch,
+learning rate with warm-up, 10% empty prompts as in pretraining), then samples the same evaluation captions
+with the same seeds as the base model and lets the shapes judge read every image:
+
+* ``renders``: fresh renders of the world (continued pretraining): must not lower accuracy;
+* ``rs_cfg4``: rejection sampling, the base model's own samples at guidance 4 (the evaluation's guidance)
+  that the judge finds correct;
+* ``rs_cfg2``: the same at guidance 2 (closer to the model's conditional distribution);
+* ``big_objects``: the quarter of the guidance-2 samples with the largest objects (any correctness): a
+  shift the model can represent, so its object size must grow.
+
+Differences from the base are paired by seed, with 95% cluster-bootstrap intervals over captions.
+
+    python bench/shapes_controls.py -o runs/shapes-controls          # about 20 minutes on 2 CPU cores
+    python bench/shapes_controls.py -o /tmp/c --quick --json         # the plumbing in about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+SKILL_WEIGHTS = {"color_attr": 0.35, "position": 0.25, "counting": 0.2, "two_object": 0.1, "colors": 0.05,
+                 "single_object": 0.05}  # fmt: skip
+ARMS = ("renders", "rs_cfg4", "rs_cfg2", "big_objects")
+
+
+def smpo(*args: str, threads: int = 1) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "smpo_cli", "-q", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
+
+
+def generate(model: str, captions: Path, out: Path, per_caption: int, seed: int, guidance: float) -> None:
+    smpo("generate", "-m", model, "-p", str(captions), "-o", str(out), "--overwrite", "model.dtype=float32",
+         "device=cpu", "logging.progress=false", f"seed={seed}", f"sampling.images_per_prompt={per_caption}",
+         "sampling.num_inference_steps=20", f"sampling.guidance_scale={guidance}", "sampling.batch_size=64")  # fmt: skip
+
+
+def judged(folder: Path, captions: list, per_caption: int) -> list:
+    from PIL import Image
+
+    from smpo_cli.shapes.judge import judge_batch
+
+    images = np.stack([np.asarray(Image.open(folder / "images" / f"{i:05d}_{k:02d}.png").convert("RGB"))
+                       for i in range(len(captions)) for k in range(per_caption)])  # fmt: skip
+    return judge_batch(images, [c for c in captions for _ in range(per_caption)])
+
+
+def write_captions(path: Path, captions: list) -> Path:
+    path.write_text("".join(c.text + "\n" for c in captions))
+    return path
+
+
+def sft_rows(paths: list[str], prompts: list[str]) -> list[dict]:
+    return [{"image_0": p, "image_1": p, "prompt": t, "sft_winner": 0, "sft_p": 1.0, "smpo_row": i}
+            for i, (p, t) in enumerate(zip(paths, prompts, strict=True))]  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-o", "--output-dir", type=Path, required=True)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, measures nothing")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args()
+    from PIL import Image
+
+    from smpo_cli.benchmark.metrics import paired_bootstrap
+    from smpo_cli.shapes.world import make_dataset, sample_captions, split_captions
+
+    q = args.quick
+    pool_captions, per_pool, eval_n, steps = (16, 4, 24, 4) if q else (512, 8, 192, 300)
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    train, _ = split_captions(0)
+    rng = np.random.default_rng(5)
+    pool = sample_captions(rng, pool_captions, pool=train, skill_weights=SKILL_WEIGHTS)
+    geneval = [c for c in train if c.geneval_form]
+    fixed = [c for c in geneval if c.skill != "color_attr"]
+    binding = [c for c in geneval if c.skill == "color_attr"]
+    evals = (fixed + [binding[i] for i in rng.permutation(len(binding))])[:eval_n]
+    pool_file, eval_file = write_captions(out / "pool.txt", pool), write_captions(out / "eval.txt", evals)
+
+    # samples of the base model (two guidance scales) and its evaluation images, two processes at a time
+    jobs = [("shapes-sd15", pool_file, out / "pool_cfg4", per_pool, 11, 4.0),
+            ("shapes-sd15", pool_file, out / "pool_cfg2", per_pool, 11, 2.0),
+            ("shapes-sd15", eval_file, out / "eval_base", 4, 1000, 4.0)]  # fmt: skip
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(lambda j: generate(*j), jobs))
+
+    data: dict[str, list[dict]] = {}
+    renders = make_dataset(8 * per_pool * pool_captions // 2, seed=777, pool=train)
+    (out / "renders").mkdir(exist_ok=True)
+    paths = []
+    for i, image in enumerate(renders.images):
+        paths.append(str(out / "renders" / f"{i:05d}.png"))
+        Image.fromarray(image).save(paths[-1])
+    data["renders"] = sft_rows(paths, renders.texts)
+    for guidance in (4, 2):
+        folder = out / f"pool_cfg{guidance}"
+        verdicts = judged(folder, pool, per_pool)
+        names = [str(folder / "images" / f"{i:05d}_{k:02d}.png") for i in range(len(pool)) for k in range(per_pool)]
+        texts = [c.text for c in pool for _ in range(per_pool)]
+        keep = [j for j, v in enumerate(verdicts) if v.correct]
+        data[f"rs_cfg{guidance}"] = sft_rows([names[j] for j in keep], [texts[j] for j in keep])
+        if guidance == 2:
+            size = np.array([v.object_size for v in verdicts])
+            big = np.flatnonzero(size >= np.quantile(size, 0.75))
+            data["big_objects"] = sft_rows([names[j] for j in big], [texts[j] for j in big])
+    for arm, rows in data.items():
+        (out / f"{arm}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run_arm(arm: str) -> None:
+        smpo("train", "--recipe", "tiny_dpo_cpu", "-o", str(out / arm / "train"), "--overwrite",
+             "model.pretrained=shapes-sd15", f"data.path={out / f'{arm}.jsonl'}", "method.name=sft",
+             "train.grad_accum_steps=1", "train.checkpoint_every_steps=null", "optim.weight_decay=0.0", "data.reward=sft", "data.resolution=32", "data.num_workers=0",
+             "data.empty_prompt_prob=0.1", "model.dtype=float32", "device=cpu", "inversion.source=none",
+             "optim.lr=1e-4", "optim.scale_lr=false", "optim.lr_scheduler=constant_with_warmup",
+             f"optim.warmup_steps={max(1, steps // 6)}", "train.batch_size=32", f"train.max_steps={steps}",
+             "logging.progress=false")  # fmt: skip
+        generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / "eval", 4, 1000, 4.0)
+
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(run_arm, ARMS))
+
+    groups = np.repeat(np.arange(len(evals)), 4)
+    skills = np.array([c.skill for c in evals for _ in range(4)])
+    base = judged(out / "eval_base", evals, 4)
+    base_ok = np.array([v.correct for v in base], dtype=float)
+    base_size = np.array([v.object_size for v in base])
+    result = {"eval_images": int(base_ok.size), "steps": steps, "base_accuracy": float(base_ok.mean()),
+              "base_object_size": float(base_size.mean()), "arms": {}}  # fmt: skip
+    for arm in ARMS:
+        v = judged(out / arm / "eval", evals, 4)
+        ok = np.array([x.correct for x in v], dtype=float)
+        size = np.array([x.object_size for x in v])
+        result["arms"][arm] = {
+            "train_images": len(data[arm]),
+            "accuracy": float(ok.mean()),
+            "accuracy_change": paired_bootstrap(ok, base_ok, groups),
+            "object_size_change": paired_bootstrap(size, base_size, groups),
+            "skills": {s: [float(base_ok[skills == s].mean()), float(ok[skills == s].mean())] for s in sorted(set(skills))},
+        }
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{result['eval_images']} evaluation images per model; base accuracy {result['base_accuracy']:.1%}, "
+          f"object size {result['base_object_size']:.3f}; {steps} steps x 32 images per arm; {result['seconds']:.0f} s")  # fmt: skip
+    print(f"{'arm':12} {'images':>6} {'accuracy':>8} {'change, pts [95% CI]':>24} {'object size change [95% CI]':>30}")
+    for arm, r in result["arms"].items():
+        a, s = r["accuracy_change"], r["object_size_change"]
+        print(f"{arm:12} {r['train_images']:>6} {r['accuracy']:>8.1%} "
+              f"{100 * a['mean']:>+8.1f} [{100 * a['ci95'][0]:+.1f}, {100 * a['ci95'][1]:+.1f}]"
+              f"{s['mean']:>+15.3f} [{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}]")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
