@@ -203,7 +203,7 @@ def test_v_prediction_model_trains(scored, tmp_path):
 
 # Regenerate: SMPO_PRINT_GOLDEN=1 pytest tests/train -k golden -s  (and paste the printed lists here).
 # "mean" is the posterior-mean ablation: it draws no latent noise, so it keeps the losses recorded before
-# training switched to posterior samples (0.1.x), which pins that the switch changed nothing else.
+# training switched to posterior samples, which pins that the switch changed nothing else.
 GOLDEN_DPO_LOSSES = {"sample": [0.693147, 0.704043, 0.708684], "mean": [0.693147, 0.694802, 0.69197]}
 
 
