@@ -14,6 +14,7 @@ with the same seeds as the base model and lets the shapes judge read every image
 Differences from the base are paired by seed, with 95% cluster-bootstrap intervals over captions.
 
     python bench/shapes_controls.py -o runs/shapes-controls          # about 20 minutes on 2 CPU cores
+    python bench/shapes_controls.py -o runs/shapes-controls-3e-5 --lr 3e-5
     python bench/shapes_controls.py -o /tmp/c --quick --json         # the plumbing in about 2 minutes
 """
 
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("-o", "--output-dir", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, measures nothing")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (pretraining ended at 6e-5)")
     args = ap.parse_args()
     from PIL import Image
 
@@ -128,7 +130,7 @@ def main() -> None:
              "model.pretrained=shapes-sd15", f"data.path={out / f'{arm}.jsonl'}", "method.name=sft",
              "train.grad_accum_steps=1", "train.checkpoint_every_steps=null", "optim.weight_decay=0.0", "data.reward=sft", "data.resolution=32", "data.num_workers=0",
              "data.empty_prompt_prob=0.1", "model.dtype=float32", "device=cpu", "inversion.source=none",
-             "optim.lr=1e-4", "optim.scale_lr=false", "optim.lr_scheduler=constant_with_warmup",
+             f"optim.lr={args.lr}", "optim.scale_lr=false", "optim.lr_scheduler=constant_with_warmup",
              f"optim.warmup_steps={max(1, steps // 6)}", "train.batch_size=32", f"train.max_steps={steps}",
              "logging.progress=false")  # fmt: skip
         generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / "eval", 4, 1000, 4.0)
@@ -141,7 +143,7 @@ def main() -> None:
     base = judged(out / "eval_base", evals, 4)
     base_ok = np.array([v.correct for v in base], dtype=float)
     base_size = np.array([v.object_size for v in base])
-    result = {"eval_images": int(base_ok.size), "steps": steps, "base_accuracy": float(base_ok.mean()),
+    result = {"eval_images": int(base_ok.size), "steps": steps, "lr": args.lr, "base_accuracy": float(base_ok.mean()),
               "base_object_size": float(base_size.mean()), "arms": {}}  # fmt: skip
     for arm in ARMS:
         v = judged(out / arm / "eval", evals, 4)
