@@ -51,12 +51,10 @@ def generate(model: str, captions: Path, out: Path, per_caption: int, seed: int,
 
 
 def judged(folder: Path, captions: list, per_caption: int) -> list:
-    from PIL import Image
-
+    from smpo_cli.shapes.experiment import read_images
     from smpo_cli.shapes.judge import judge_batch
 
-    images = np.stack([np.asarray(Image.open(folder / "images" / f"{i:05d}_{k:02d}.png").convert("RGB"))
-                       for i in range(len(captions)) for k in range(per_caption)])  # fmt: skip
+    images = read_images(folder, len(captions), per_caption)
     return judge_batch(images, [c for c in captions for _ in range(per_caption)])
 
 

@@ -40,8 +40,6 @@ EVAL_IMAGES_PER_PROMPT = 8  # 64 judged images per model: a +-15-point interval,
 # judge's accuracy from 62% to 25%.
 LR_PER_PAIR = 2.5e-6
 WARMUP_STEPS = 2
-REWARD_NOTE = ("pickscore with random weights (a tiny model built in-process; no real reward model can be "
-               "downloaded offline): its win rates check the machinery and measure nothing")  # fmt: skip
 
 
 @dataclass
@@ -88,7 +86,10 @@ def run_quickstart(output_dir: str | Path, *, steps: int = 4) -> QuickstartResul
     inv = [f"data.path={scored}", f"output_dir={cache}", f"model.pretrained={MODEL}", f"data.resolution={RESOLUTION}",
            "data.num_workers=0", "inversion.num_steps=5", "inversion.levels=[199,399,599,799,999]"]  # fmt: skip
     execute("invert", load_recipe(None, "invert", inv), run_inversion, overwrite=True, resume=inv_resume)
-    result = QuickstartResult(str(root), len(PROMPTS), score.scored, reward=REWARD_NOTE)
+    from smpo_cli.benchmark.report import TINY_REWARD
+
+    reward = f"pickscore, {TINY_REWARD} (no real reward model can be downloaded offline)"
+    result = QuickstartResult(str(root), len(PROMPTS), score.scored, reward=reward)
     for method, extra in (("smpo", ["inversion.source=cache", f"inversion.cache_path={cache}"]), ("dpo", [])):
         overrides = [f"data.path={scored}", f"output_dir={root / method}", f"train.max_steps={steps}",
                      f"optim.lr={LR_PER_PAIR}", "optim.lr_scheduler=constant_with_warmup",
@@ -132,13 +133,10 @@ def judge_comparison(model_folder: Path, base_folder: Path) -> dict[str, Any]:
 
 def _judge_correct(folder: Path) -> np.ndarray:
     """1.0 where the shapes judge finds a bench side's image correct, prompt-major (prompt i, sample k)."""
-    from PIL import Image
-
+    from smpo_cli.shapes.experiment import read_images
     from smpo_cli.shapes.judge import judge_batch
     from smpo_cli.shapes.world import parse_caption
 
     k = EVAL_IMAGES_PER_PROMPT
-    images = np.stack([np.asarray(Image.open(folder / "images" / f"{i:05d}_{j:02d}.png").convert("RGB"))
-                       for i in range(len(PROMPTS)) for j in range(k)])  # fmt: skip
     captions = [parse_caption(p) for p in PROMPTS for _ in range(k)]
-    return np.array([v.correct for v in judge_batch(images, captions)], dtype=np.float64)
+    return np.array([v.correct for v in judge_batch(read_images(folder, len(PROMPTS), k), captions)], dtype=np.float64)

@@ -20,13 +20,15 @@ def _fmt(entry: dict | None, pct: bool = False) -> str:
     return f"{value:.2f}% [{lo:.1f}, {hi:.1f}]" if pct else f"{value:.4g} [{lo:.4g}, {hi:.4g}]"
 
 
+TINY_REWARD = "a tiny model with random weights, built in-process: it checks the machinery; its scores and win rates say nothing about the images"
+
+
 def reward_notes(recipe) -> list[str]:
     """What each reward model is: a win rate is only as meaningful as the reward that produced it."""
     notes = []
     for reward in recipe.rewards:
         if reward.path == "tiny":
-            what = ("a tiny model with random weights, built in-process: it checks the machinery; its scores and "
-                    "win rates say nothing about the images")  # fmt: skip
+            what = TINY_REWARD
         elif reward.path is None:
             what = "the official weights"
         else:

@@ -109,7 +109,8 @@ def _generate(recipe: ShapesBenchRecipe, model: str, prompts: Path, out: Path, i
     return _execute("generate", data, run_generation, resume_ok)
 
 
-def _images(folder: Path, n_prompts: int, per_prompt: int) -> np.ndarray:
+def read_images(folder: Path, n_prompts: int, per_prompt: int) -> np.ndarray:
+    """The images of a ``smpo generate`` folder, prompt-major: (prompt i, sample k) -> row i * per_prompt + k."""
     from PIL import Image
 
     return np.stack([np.asarray(Image.open(folder / "images" / f"{i:05d}_{k:02d}.png").convert("RGB"))
@@ -130,7 +131,7 @@ def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
     prompts = folder / "captions.txt"
     write_text(prompts, "".join(c.text + "\n" for c in captions))
     _generate(recipe, recipe.model, prompts, folder / "samples", 2, recipe.seed)
-    images = _images(folder / "samples", len(captions), 2)
+    images = read_images(folder / "samples", len(captions), 2)
     verdicts = judge_batch(images, [c for c in captions for _ in range(2)])
     va, vb = verdicts[0::2], verdicts[1::2]
     labels = DEFAULT_POPULATION.label_pairs(rng, va, vb, recipe.pairs.reward_noise_std)
@@ -271,7 +272,7 @@ def evaluate_model(recipe: ShapesBenchRecipe, model: str, name: str, out: Path, 
     prompts = folder / "captions.txt"
     write_text(prompts, "".join(c.text + "\n" for c in captions))
     _generate(recipe, model, prompts, folder / name, k, recipe.seed + 1000)
-    images = _images(folder / name, len(captions), k)
+    images = read_images(folder / name, len(captions), k)
     verdicts = judge_batch(images, [c for c in captions for _ in range(k)])
     correct = np.array([v.correct for v in verdicts])
     skills = np.array([c.skill for c in captions for _ in range(k)])
