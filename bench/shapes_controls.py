@@ -74,6 +74,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, measures nothing")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (pretraining ended at 6e-5)")
+    ap.add_argument("--base", default="shapes-sd15", help="base model (shapes-sd15 or a smpo shapes pretrain pipeline)")
+    ap.add_argument("--steps", type=int, default=300, help="optimiser steps per arm (batch 32)")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    ap.add_argument("--uniform-skills", action="store_true",
+                    help="sample the pool's captions with uniform skills (default: weighted toward binding and position)")
     args = ap.parse_args()
     from PIL import Image
 
@@ -81,13 +86,17 @@ def main() -> None:
     from smpo_cli.shapes.world import make_dataset, sample_captions, split_captions
 
     q = args.quick
-    pool_captions, per_pool, eval_n, steps = (16, 4, 24, 4) if q else (512, 8, 192, 300)
+    pool_captions, per_pool, eval_n, steps = (16, 4, 24, 4) if q else (512, 8, 192, args.steps)
+    arms = tuple(a for a in args.arms.split(",") if a)
+    if unknown := sorted(set(arms) - set(ARMS)):
+        raise SystemExit(f"--arms: unknown arm(s) {unknown}; choose from {ARMS}")
+    base = args.base
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     train, _ = split_captions(0)
     rng = np.random.default_rng(5)
-    pool = sample_captions(rng, pool_captions, pool=train, skill_weights=SKILL_WEIGHTS)
+    pool = sample_captions(rng, pool_captions, pool=train, skill_weights=None if args.uniform_skills else SKILL_WEIGHTS)
     geneval = [c for c in train if c.geneval_form]
     fixed = [c for c in geneval if c.skill != "color_attr"]
     binding = [c for c in geneval if c.skill == "color_attr"]
@@ -95,22 +104,25 @@ def main() -> None:
     pool_file, eval_file = write_captions(out / "pool.txt", pool), write_captions(out / "eval.txt", evals)
 
     # samples of the base model (two guidance scales) and its evaluation images, two processes at a time
-    jobs = [("shapes-sd15", pool_file, out / "pool_cfg4", per_pool, 11, 4.0),
-            ("shapes-sd15", pool_file, out / "pool_cfg2", per_pool, 11, 2.0),
-            ("shapes-sd15", eval_file, out / "eval_base", 4, 1000, 4.0)]  # fmt: skip
+    jobs = [(base, eval_file, out / "eval_base", 4, 1000, 4.0)]
+    jobs += [(base, pool_file, out / f"pool_cfg{g}", per_pool, 11, float(g)) for g in (4, 2)
+             if f"rs_cfg{g}" in arms or (g == 2 and "big_objects" in arms)]  # fmt: skip
     with ThreadPoolExecutor(2) as ex:
         list(ex.map(lambda j: generate(*j), jobs))
 
     data: dict[str, list[dict]] = {}
-    renders = make_dataset(8 * per_pool * pool_captions // 2, seed=777, pool=train)
-    (out / "renders").mkdir(exist_ok=True)
-    paths = []
-    for i, image in enumerate(renders.images):
-        paths.append(str(out / "renders" / f"{i:05d}.png"))
-        Image.fromarray(image).save(paths[-1])
-    data["renders"] = sft_rows(paths, renders.texts)
+    if "renders" in arms:
+        renders = make_dataset(8 * per_pool * pool_captions // 2, seed=777, pool=train)
+        (out / "renders").mkdir(exist_ok=True)
+        paths = []
+        for i, image in enumerate(renders.images):
+            paths.append(str(out / "renders" / f"{i:05d}.png"))
+            Image.fromarray(image).save(paths[-1])
+        data["renders"] = sft_rows(paths, renders.texts)
     for guidance in (4, 2):
         folder = out / f"pool_cfg{guidance}"
+        if not folder.is_dir():
+            continue
         verdicts = judged(folder, pool, per_pool)
         names = [str(folder / "images" / f"{i:05d}_{k:02d}.png") for i in range(len(pool)) for k in range(per_pool)]
         texts = [c.text for c in pool for _ in range(per_pool)]
@@ -125,7 +137,7 @@ def main() -> None:
 
     def run_arm(arm: str) -> None:
         smpo("train", "--recipe", "tiny_dpo_cpu", "-o", str(out / arm / "train"), "--overwrite",
-             "model.pretrained=shapes-sd15", f"data.path={out / f'{arm}.jsonl'}", "method.name=sft",
+             f"model.pretrained={base}", f"data.path={out / f'{arm}.jsonl'}", "method.name=sft",
              "train.grad_accum_steps=1", "train.checkpoint_every_steps=null", "optim.weight_decay=0.0", "data.reward=sft", "data.resolution=32", "data.num_workers=0",
              "data.empty_prompt_prob=0.1", "model.dtype=float32", "device=cpu", "inversion.source=none",
              f"optim.lr={args.lr}", "optim.scale_lr=false", "optim.lr_scheduler=constant_with_warmup",
@@ -134,16 +146,16 @@ def main() -> None:
         generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / "eval", 4, 1000, 4.0)
 
     with ThreadPoolExecutor(2) as ex:
-        list(ex.map(run_arm, ARMS))
+        list(ex.map(run_arm, arms))
 
     groups = np.repeat(np.arange(len(evals)), 4)
     skills = np.array([c.skill for c in evals for _ in range(4)])
     base = judged(out / "eval_base", evals, 4)
     base_ok = np.array([v.correct for v in base], dtype=float)
     base_size = np.array([v.object_size for v in base])
-    result = {"eval_images": int(base_ok.size), "steps": steps, "lr": args.lr, "base_accuracy": float(base_ok.mean()),
+    result = {"base": base, "eval_images": int(base_ok.size), "steps": steps, "lr": args.lr, "base_accuracy": float(base_ok.mean()),
               "base_object_size": float(base_size.mean()), "arms": {}}  # fmt: skip
-    for arm in ARMS:
+    for arm in arms:
         v = judged(out / arm / "eval", evals, 4)
         ok = np.array([x.correct for x in v], dtype=float)
         size = np.array([x.object_size for x in v])

@@ -43,3 +43,17 @@ def execute(
     if main:
         rundir.finish("success", result=result.to_dict() if hasattr(result, "to_dict") else None)
     return result
+
+
+def execute_nested(stage: str, data: dict[str, Any], core: Callable[[Any], Any], resume: Callable[[Any], bool],
+                   caller: str) -> Any:  # fmt: skip
+    """Run another stage from inside one (``smpo pairs`` generating, the shapes testbed's stages) from a recipe dict.
+
+    The nested stage gets its own run folder (``recipe.resolved.yaml``, ``run.json``) and resumes it when ``resume``
+    says the settings match, so an interrupted outer stage redoes only what is missing.
+    """
+    from smpo_cli.config.loader import validate
+
+    source = f"({caller}: {stage})"
+    recipe = validate(data, stage, source=source)
+    return execute(stage, LoadedRecipe(recipe, source), core, resume=resume)

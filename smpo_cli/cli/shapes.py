@@ -12,6 +12,7 @@ app = typer.Typer(
     help="The shapes testbed: a world of coloured shapes whose true preferences are known, small enough for a CPU.",
     no_args_is_help=True,
     epilog="Examples:\n\n  smpo shapes pretrain --recipe shapes_base_cpu      # the base model, ~25 min on 2 CPU cores\n\n"
+    "  smpo shapes reward --recipe shapes_pickscore_cpu  # the world's PickScore, trained on votes\n\n"
     "  smpo shapes run --recipe shapes_experiment_cpu     # SmPO vs DPO and ablations, 3 seeds",
 )
 
@@ -42,6 +43,40 @@ def pretrain(
         return
     out.print(f"pipeline: {result.pipeline_dir}  (VAE mse {result.vae_mse}, final loss {result.final_loss}, "
               f"{result.seconds:.0f} s)", highlight=False)  # fmt: skip
+
+
+@app.command(
+    "reward",
+    epilog="Examples:\n\n  smpo shapes reward --recipe shapes_pickscore_cpu -o runs/shapes/reward\n\n"
+    "  smpo shapes reward --recipe shapes_pickscore_cpu contrastive.steps=200 votes.steps=100 --dry-run",
+)
+def reward(
+    recipe: RecipeOpt = None,
+    overrides: OverridesArg = None,
+    output_dir: OutputDirOpt = None,
+    dry_run: DryRunOpt = False,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train shapes-pickscore: a PickScore-architecture CLIP, pretrained on renders, fine-tuned on annotator votes.
+
+    Samples pairs from the recipe's models, lets simulated annotators vote, trains, and reports held-out
+    vote accuracy next to the judge's and the population's. Writes reward/ (load with
+    reward.name=pickscore reward.path=<run>/reward) and summary.json.
+    """
+    from smpo_cli.shapes.reward_run import resume_ok, run_shapes_reward
+
+    sugar = {"output_dir": str(output_dir) if output_dir else None}
+    result = run_stage("shapes_reward", recipe=recipe or "shapes_pickscore_cpu", overrides=overrides, sugar=sugar,
+                       dry_run=dry_run, overwrite=overwrite, resume=resume_ok, core=run_shapes_reward)  # fmt: skip
+    if printed_as_json(result, as_json):
+        return
+    acc = result.vote_accuracy
+    out.print(f"held-out votes ({acc['pairs']} pairs) predicted by: "
+              + ", ".join(f"{k} {100 * acc[k]['accuracy']:.1f}% [{100 * acc[k]['ci95'][0]:.1f}, "
+                          f"{100 * acc[k]['ci95'][1]:.1f}]" for k in ("reward", "judge", "population")),
+              highlight=False)  # fmt: skip
+    out.print(f"reward: {result.reward_dir}  ({result.seconds:.0f} s)", highlight=False)
 
 
 EPILOG_RUN = (

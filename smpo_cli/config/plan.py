@@ -45,6 +45,10 @@ def describe_model_ref(ref: str) -> tuple[str, str]:
 
 
 def describe_local_input(ref: str) -> tuple[str, str]:
+    from smpo_cli.generation.prompts import SHAPES_PROMPT_SETS
+
+    if ref in SHAPES_PROMPT_SETS:
+        return "ok", SHAPES_PROMPT_SETS[ref]
     path = Path(ref).expanduser()
     if path.exists():
         return "ok", "exists"
@@ -130,6 +134,22 @@ def plan_lines(recipe: BaseModel) -> list[tuple[str, str]]:
         minutes = (data.vae.steps * 0.33 * data.vae.batch_size / 64 + data.unet.steps * 0.31 * data.unet.batch_size / 64) / 60
         lines.append(("ok", f"{data.data.images} scenes of {data.data.size}px; VAE {data.vae.steps} steps, UNet + text encoder "
                             f"{data.unet.steps} steps: about {minutes:.0f} min on 2 CPU cores"))  # fmt: skip
+    if data.stage == "pairs":
+        level, what = describe_local_input(data.prompts.path)
+        lines.append((level, f"prompts.path = {data.prompts.path}: {what}"))
+        sp, pr = data.sampling, data.pairing
+        lines.append(("ok", f"{sp.images_per_prompt} images per prompt, {sp.num_inference_steps} steps, guidance {sp.guidance_scale}; "
+                            f"pairing {pr.strategy}" + (f", min margin {pr.min_margin:g}" if pr.min_margin else "")))  # fmt: skip
+        for r in data.rewards:
+            lines.append(("ok", f"reward {r.prefix}: {r.name} ({r.path or 'official weights'}), weight {r.weight:g}"))
+        lines.append(("ok", f"pairs written with prefix {data.pair_prefix} (smpo train data.reward={data.pair_prefix})"))
+    if data.stage == "shapes_reward":
+        for spec in data.samples:
+            lines.append(("ok", f"samples: {spec.model}, {spec.captions} captions x {spec.images_per_caption} images "
+                                f"(guidance {spec.guidance_scale}), every pair voted on"))  # fmt: skip
+        lines.append(("ok", f"CLIP width {data.net.width}, {data.net.vision_layers}+{data.net.text_layers} layers, "
+                            f"patch {data.net.patch_size}; contrastive {data.contrastive.steps} steps x "
+                            f"{data.contrastive.batch_size}, votes {data.votes.steps} steps x {data.votes.batch_size} pairs"))  # fmt: skip
     if data.stage == "train":
         t, o = data.train, data.optim
         per_process = t.batch_size * t.grad_accum_steps

@@ -214,7 +214,8 @@ class TrainRecipe(Block):
 
 
 # ----------------------------------------------------------------------------- score stage
-REWARD_NAMES = ("pickscore", "hpsv2", "imagereward", "aesthetic", "clip")
+REWARD_NAMES = ("pickscore", "hpsv2", "imagereward", "aesthetic", "clip", "shapes-judge")
+RewardName = Literal["pickscore", "hpsv2", "imagereward", "aesthetic", "clip", "shapes-judge"]
 
 
 class ScoreDataSpec(Block):
@@ -246,11 +247,12 @@ class ScoreDataSpec(Block):
 class RewardSpec(Block):
     """The reward model and how its scores become the smoothed preference p."""
 
-    name: Literal["pickscore", "hpsv2", "imagereward", "aesthetic", "clip"] = Field(
+    name: RewardName = Field(
         "pickscore", description="Reward model (registry name)."
     )
     path: str | None = Field(
-        None, description="Local folder/file or hub id; null = the official weights; tiny = an embedded tiny random model."
+        None, description="Local folder/file or hub id; null = the official weights; tiny = an embedded tiny random model; "
+        "shapes-pickscore (with name pickscore) = the shapes world's PickScore shipped with smpo."
     )
     options: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict, description="Model-specific options (e.g. hpsv2: {variant: v2.0})."
@@ -418,12 +420,91 @@ class GenerateRecipe(Block):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
 
+# ----------------------------------------------------------------------------- pairs stage
+class PairsRewardSpec(Block):
+    """One reward model voting on the pairs (its own p stays in the output; the pair's p is the mixture)."""
+
+    name: RewardName
+    path: str | None = Field(None, description="As in smpo score: null = official weights, tiny, shapes-pickscore, a folder.")
+    options: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    output: str | None = Field(None, description="The score used; null = cosine for pickscore, else the model's default.")
+    weight: float = Field(1.0, gt=0, description="Weight in the mixture of p and of the utility pairs are chosen by.")
+    label: str | None = Field(None, description="Column prefix of this model's scores and p (default: its name).")
+    r_min: float | None = Field(None, description="Normalisation range; null = the model's known range, else quantiles.")
+    r_max: float | None = Field(None)
+    quantiles: tuple[Probability, Probability] = Field(
+        (0.01, 0.99), description="Without a known range: the range is these quantiles of this run's scores."
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> PairsRewardSpec:
+        if (self.r_min is None) != (self.r_max is None):
+            raise ValueError("r_min and r_max must be set together")
+        if self.r_min is not None and not self.r_max > self.r_min:
+            raise ValueError("r_max must be greater than r_min")
+        if not self.quantiles[1] > self.quantiles[0]:
+            raise ValueError("quantiles must be (low, high) with high > low")
+        return self
+
+    @property
+    def prefix(self) -> str:
+        return self.label or self.name
+
+
+class PairingSpec(Block):
+    """Which of a prompt's images become pairs (chosen on the mixture utility of each image)."""
+
+    strategy: Literal["best_worst", "all", "top_bottom", "random"] = Field(
+        "best_worst", description="best_worst: one pair per prompt | all: N(N-1)/2 | top_bottom: k*k | random: pairs_per_prompt."
+    )
+    k: PositiveInt = Field(1, description="top_bottom: images taken from each end (2k <= images_per_prompt).")
+    pairs_per_prompt: PositiveInt = Field(1, description="random: distinct pairs per prompt.")
+    min_margin: float = Field(0.0, ge=0, description="Drop pairs whose utilities (normalised, in [0, 1] units) differ by less.")
+
+
+class PairsRecipe(Block):
+    """``smpo pairs``: sample N images per prompt, score them with reward models, write scored preference pairs."""
+
+    stage: Literal["pairs"] = "pairs"
+    schema_version: int = SCHEMA_VERSION
+    seed: int = Field(0, description="smpo generate's seed (per-image seeds follow) and the random pairing's seed.")
+    output_dir: str = Field(description="Run folder: samples/, pairs.parquet (smpo invert/train read it), image_scores.jsonl, summary.json.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    model: GenerateModelSpec
+    prompts: PromptsSpec
+    sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(images_per_prompt=4))
+    rewards: list[PairsRewardSpec] = Field(min_length=1, description="Reward models; several = a weighted mixture of their p.")
+    pairing: PairingSpec = Field(default_factory=PairingSpec)
+    prefix: str | None = Field(
+        None, description="Column prefix of the pair's winner and p (smpo train's data.reward); null = the only reward's "
+        "label, or mix with several.",
+    )  # fmt: skip
+    reward_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: float16 on CUDA.")
+    reward_batch_size: PositiveInt = Field(32, description="Images per reward forward pass.")
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> PairsRecipe:
+        if self.sampling.images_per_prompt < 2:
+            raise ValueError("sampling.images_per_prompt must be >= 2: a pair needs two images of one prompt")
+        labels = [r.prefix for r in self.rewards]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"rewards need distinct labels (got {labels}); set rewards[].label")
+        if self.pairing.strategy == "top_bottom" and 2 * self.pairing.k > self.sampling.images_per_prompt:
+            raise ValueError("pairing.k: top_bottom needs 2k <= sampling.images_per_prompt")
+        return self
+
+    @property
+    def pair_prefix(self) -> str:
+        return self.prefix or (self.rewards[0].prefix if len(self.rewards) == 1 else "mix")
+
+
 # ----------------------------------------------------------------------------- bench stage
 class BenchRewardSpec(Block):
     """One reward model of a benchmark."""
 
-    name: Literal["pickscore", "hpsv2", "imagereward", "aesthetic", "clip"]
-    path: str | None = Field(None, description="Weights (null: the official ones; tiny: the embedded tiny model).")
+    name: RewardName
+    path: str | None = Field(None, description="Weights (null: the official ones; tiny: the embedded tiny model; shapes-pickscore with pickscore: the shipped shapes reward).")
     options: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
 
 
@@ -533,6 +614,12 @@ class ShapesDataSpec(Block):
     images: PositiveInt = Field(60_000, description="Scenes rendered (deterministic by seed; ~2 s for 60k).")
     size: PositiveInt = Field(32, description="Image side in pixels.")
     split_seed: int = Field(0, description="Seed of the train/held-out caption split (held-out captions are never rendered).")
+    colour_swap: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Fraction of training captions that name every colour by its partner (red/orange, green/yellow, "
+        "blue/purple, cyan/white) while the image keeps the true colours: a caption source that disagrees with the "
+        "evaluators, so the base model is misaligned in a way preference data can fix. 0 = clean captions.",
+    )  # fmt: skip
 
 
 class ShapesModelSpec(Block):
@@ -664,10 +751,65 @@ class ShapesBenchRecipe(Block):
         return self
 
 
+# ----------------------------------------------------------------------------- shapes reward model
+class ShapesSamplesSpec(Block):
+    """Images of one model for the reward model's preference pairs (Pick-a-Pic mixes several models too)."""
+
+    model: str = Field(description="A model smpo generate takes: shapes-sd15 or a pipeline from smpo shapes pretrain.")
+    captions: PositiveInt = Field(1024, description="Training captions sampled (skills uniform, as in the world).")
+    images_per_caption: int = Field(4, ge=2, description="Samples per caption; every pair of them is voted on.")
+    guidance_scale: float = Field(4.0, ge=0, description="Classifier-free guidance when sampling.")
+    seed: int = Field(100, description="smpo generate seed (per-image seeds follow from it).")
+
+
+class ShapesRewardNetSpec(Block):
+    """Sizes of the CLIP model (PickScore's architecture, at the world's scale)."""
+
+    width: PositiveInt = Field(64, description="Hidden size of both towers and of the projection.")
+    vision_layers: PositiveInt = Field(3)
+    text_layers: PositiveInt = Field(2)
+    patch_size: PositiveInt = Field(4, description="ViT patch side in pixels (32x32 images: 64 patches at 4).")
+
+
+class ShapesRewardPhaseSpec(Block):
+    steps: PositiveInt = Field(description="Optimiser steps.")
+    batch_size: PositiveInt = Field(description="Images (contrastive) or pairs (votes) per step.")
+    lr: float = Field(gt=0, description="AdamW peak learning rate; linear warm-up, cosine decay to 0.")
+    warmup_steps: NonNegInt = Field(50)
+
+
+class ShapesRewardRecipe(Block):
+    """``smpo shapes reward``: shapes-pickscore, the world's PickScore, trained on rendered captions then votes."""
+
+    stage: Literal["shapes_reward"] = "shapes_reward"
+    schema_version: int = SCHEMA_VERSION
+    seed: int = Field(0, description="Seed of captions, votes, the held-out split, initial weights and batches.")
+    output_dir: str = Field(description="Run folder: samples/, reward/ (the model folder load_reward reads), summary.json.")
+    device: Literal["auto", "cpu"] = Field("cpu", description="The reward model is sized for a CPU.")
+    split_seed: int = Field(0, description="World caption split: only training captions are sampled (as the base models saw).")
+    samples: list[ShapesSamplesSpec] = Field(
+        default_factory=lambda: [ShapesSamplesSpec(model="shapes-sd15")], min_length=1,
+        description="Models whose samples make the voted pairs.",
+    )  # fmt: skip
+    num_inference_steps: PositiveInt = Field(20, description="DDIM steps when sampling.")
+    heldout_fraction: float = Field(0.15, gt=0, lt=1, description="Share of sampled caption texts whose pairs are kept out of fine-tuning, for the held-out vote accuracy.")
+    renders: PositiveInt = Field(60_000, description="Rendered scenes for contrastive pretraining.")
+    net: ShapesRewardNetSpec = Field(default_factory=ShapesRewardNetSpec)
+    contrastive: ShapesRewardPhaseSpec = Field(
+        default_factory=lambda: ShapesRewardPhaseSpec(steps=1500, batch_size=128, lr=2e-3, warmup_steps=100)
+    )
+    votes: ShapesRewardPhaseSpec = Field(
+        default_factory=lambda: ShapesRewardPhaseSpec(steps=600, batch_size=64, lr=1e-4, warmup_steps=50)
+    )
+    export_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of the saved weights.")
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+
 # ----------------------------------------------------------------------------- registry
-Recipe = ScoreRecipe | InvertRecipe | TrainRecipe | GenerateRecipe | BenchRecipe | GenevalRecipe | ShapesPretrainRecipe | ShapesBenchRecipe
+Recipe = ScoreRecipe | InvertRecipe | TrainRecipe | GenerateRecipe | BenchRecipe | GenevalRecipe | ShapesPretrainRecipe | ShapesBenchRecipe | ShapesRewardRecipe | PairsRecipe
 STAGE_SCHEMAS: dict[str, type[Block]] = {
     "score": ScoreRecipe, "invert": InvertRecipe, "train": TrainRecipe, "generate": GenerateRecipe,
     "bench": BenchRecipe, "geneval": GenevalRecipe,
-    "shapes_pretrain": ShapesPretrainRecipe, "shapes_bench": ShapesBenchRecipe,
+    "shapes_pretrain": ShapesPretrainRecipe, "shapes_bench": ShapesBenchRecipe, "shapes_reward": ShapesRewardRecipe,
+    "pairs": PairsRecipe,
 }  # fmt: skip

@@ -8,7 +8,8 @@
   (HPDv2's four styles) is read file by file with ``style`` = the file name;
 * TSV/CSV: PartiPrompts (``Prompt``, ``Category``, ``Challenge``, ``Note``) or any table with a prompt column;
 * parquet file/folder or a ``save_to_disk`` folder: the Pick-a-Pic ``caption`` column, unique captions in
-  order of first appearance (the ``*_unique`` splits have one row per prompt already).
+  order of first appearance (the ``*_unique`` splits have one row per prompt already);
+* ``shapes-train`` / ``shapes-heldout``: the shapes testbed's GenEval-form captions, built from code.
 """
 
 from __future__ import annotations
@@ -61,7 +62,23 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             raise DataError(f"{path}:{n}: not JSON ({exc.msg})") from None
 
 
+SHAPES_PROMPT_SETS = {
+    "shapes-train": "the shapes world's GenEval-form training captions (split seed 0), with their skill",
+    "shapes-heldout": "the shapes world's GenEval-form held-out captions (split seed 0), with their skill",
+}
+
+
+def _shapes_prompts(name: str) -> list[tuple[str, dict]]:
+    from smpo_cli.shapes.world import split_captions
+
+    train, heldout = split_captions(0)
+    return [(c.text, {"skill": c.skill}) for c in (train if name == "shapes-train" else heldout) if c.geneval_form]
+
+
 def load_prompts(path_str: str, *, fmt: str = "auto", column: str | None = None, limit: int | None = None) -> list[PromptRecord]:
+    if path_str in SHAPES_PROMPT_SETS:  # built from code, not shipped: the testbed's own caption sets
+        records = _records(_shapes_prompts(path_str), Path(path_str))
+        return records[:limit] if limit else records
     path = Path(path_str).expanduser()
     if not path.exists():
         raise AssetNotFoundError(f"prompts.path {path} does not exist",

@@ -14,7 +14,10 @@ hpsv2          xswu/HPSv2 (HPS_v2.1_compressed.pt)    score, score_x100         
 imagereward    THUDM/ImageReward (ImageReward.pt)     score, raw                  imagereward.py
 aesthetic      trl-lib/ddpo-aesthetic-predictor       score                       aesthetic.py
 clip           openai/clip-vit-large-patch14          clip_score, cosine          clip.py
+shapes-judge   (built in: no weights)                 score, correct              shapes_judge.py
 =============  =====================================  ==========================  ===================
+
+``path="shapes-pickscore"`` (with ``pickscore``) loads the shapes world's PickScore, shipped in the package.
 
 Importing this package imports neither torch nor transformers nor open_clip: each loader imports
 what it needs when called, so the command line stays fast.
@@ -80,6 +83,13 @@ REWARDS: dict[str, RewardSpec] = {
             ("clip_score", "cosine"),
             "CLIP score; clip_score = max(100 * cosine, 0) (torchmetrics), cosine = raw",
         ),
+        RewardSpec(
+            "shapes-judge",
+            "smpo_cli.rewards.shapes_judge",
+            "builtin",
+            ("score", "correct"),
+            "the shapes world's exact judge (no weights); score in [0, 1], correct = 1/0",
+        ),
     )
 }
 
@@ -119,6 +129,14 @@ def load_reward(
     """
     spec = get_spec(name)
     source = os.fspath(path) if path is not None else spec.default_source
+    from smpo_cli.models.shipped import shipped_reward_path
+
+    shipped = shipped_reward_path(source)
+    if shipped is not None:  # a reward model that ships inside the package (shapes-pickscore)
+        family, folder = shipped
+        if family != spec.name:
+            raise UsageError(f"{source} is a {family} model, not {spec.name}", hint=f"use reward {family} with it")
+        source = str(folder)
     model_cls = importlib.import_module(spec.module).load
     allowed = _options_of(model_cls)
     unknown = sorted(set(options) - allowed)

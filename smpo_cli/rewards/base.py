@@ -146,6 +146,10 @@ class RewardModel:
     def _extra_metadata(self) -> dict[str, Any]:
         return {}
 
+    def known_range(self, output: str) -> tuple[float, float] | None:
+        """(min, max) of ``output`` that SmPO's min-max normalisation should use, when the model defines one."""
+        return None
+
     # -- public API ----------------------------------------------------------------------------
 
     @property

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from smpo_cli.errors import DataError
 from smpo_cli.rewards import _hf_clip
 from smpo_cli.rewards.base import EmbeddingRewardModel
 
@@ -46,6 +47,8 @@ class PickScore(EmbeddingRewardModel):
         self.model = self._place(_hf_clip.load_clip_model(str(source), what="PickScore model"))
         self.processor = _hf_clip.load_processor(self.processor_source, what="PickScore processor")
         self.logit_scale = float(self.model.logit_scale.detach().float().exp())
+        # a model trained by smpo (shapes-pickscore) carries the cosine range its p is normalised with
+        self.cosine_range = _cosine_range(source)
 
     def _encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         px = _hf_clip.pixel_values(self.processor.image_processor, images, self.device, self.dtype)
@@ -59,15 +62,35 @@ class PickScore(EmbeddingRewardModel):
         cosine = (image_emb * text_emb).sum(dim=-1)
         return {"score": self.logit_scale * cosine, "cosine": cosine}
 
+    def known_range(self, output: str) -> tuple[float, float] | None:
+        return self.cosine_range if output == "cosine" else None
+
     def _extra_metadata(self) -> dict[str, Any]:
         return {
             "processor": self.processor_source,
             "logit_scale": self.logit_scale,
+            "cosine_range": list(self.cosine_range) if self.cosine_range else None,
             "outputs_meaning": {
                 "score": "logit_scale.exp() * cosine (PickScore paper and literature tables)",
                 "cosine": "raw cosine of normalised embeddings (SmPO smoothing constants, Diffusion-DPO)",
             },
         }
+
+
+def _cosine_range(source: str) -> tuple[float, float] | None:
+    """``cosine_range`` of ``smpo_reward.json`` in a local model folder (None for the official checkpoint)."""
+    import json
+
+    path = Path(str(source)).expanduser() / "smpo_reward.json"
+    if not path.is_file():
+        return None
+    try:
+        low, high = json.loads(path.read_text(encoding="utf-8"))["cosine_range"]
+        assert float(high) > float(low)
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise DataError(f"{path}: cosine_range must be [min, max] with max > min ({exc})",
+                        hint="rewrite the file or delete it to use the official PickScore constants") from None  # fmt: skip
+    return float(low), float(high)
 
 
 load = PickScore  # the registry calls load(source, device=..., dtype=..., **options)

@@ -96,13 +96,17 @@ def _choose_output(recipe: ScoreRecipe, reward) -> str:
     return output
 
 
-def _fixed_range(recipe: ScoreRecipe, output: str) -> tuple[float, float] | None:
+def _fixed_range(recipe: ScoreRecipe, output: str, reward=None) -> tuple[float, float] | None:
     spec = recipe.reward
     if spec.normalization == "dataset":
         return None
     if spec.r_min is not None and spec.r_max is not None:
         return spec.r_min, spec.r_max
-    if spec.name == "pickscore" and output == "cosine":
+    # a model's own range (shapes-pickscore's smpo_reward.json, the shapes judge's [0, 1]) ...
+    known = reward.known_range(output) if reward is not None else None
+    if known is not None:
+        return known
+    if spec.name == "pickscore" and output == "cosine":  # ... else PickScore's official constants
         return PICKSCORE_COSINE_R_MIN, PICKSCORE_COSINE_R_MAX
     return None  # auto without known constants: from the dataset
 
@@ -319,7 +323,7 @@ def run_scoring(recipe: ScoreRecipe) -> ScoreResult:
         batch_size=2 * recipe.reward.batch_size, **recipe.reward.options,
     )  # fmt: skip
     output = _choose_output(recipe, reward)
-    fixed = _fixed_range(recipe, output)
+    fixed = _fixed_range(recipe, output, reward)
     logger.info(
         "scoring %d pairs in %d shards (%d already done) with %s (%s, output %s) on %s/%s",
         n, len(shards), len(done), reward.name, reward.version, output, device, dtype,

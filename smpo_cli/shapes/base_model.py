@@ -239,23 +239,31 @@ def recipe_scaling(latents) -> float:
     return float(1.0 / latents[0].std())
 
 
+def training_data(recipe: ShapesPretrainRecipe):
+    """(images, caption texts) the base model learns from: renders of training captions, ``colour_swap`` miscaptioned."""
+    from smpo_cli.shapes.world import make_dataset, miscaption, split_captions
+
+    # held-out captions (split_seed) stay unseen, so the testbed can measure generalisation
+    train_captions, _ = split_captions(recipe.data.split_seed)
+    data = make_dataset(recipe.data.images, seed=recipe.seed, size=recipe.data.size, pool=train_captions)
+    # the images keep the true captions; only the text the model learns from is miscaptioned
+    texts = [c.text for c in miscaption(data.captions, recipe.data.colour_swap, seed=recipe.seed + 30)]
+    return data.images, texts
+
+
 def run_pretrain(recipe: ShapesPretrainRecipe) -> PretrainResult:
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     from smpo_cli.models.tiny import _scheduler_kwargs
-    from smpo_cli.shapes.world import make_dataset, split_captions
     from smpo_cli.utils.atomic import atomic_path, write_json
     from smpo_cli.utils.progress import make_progress
 
     started = time.perf_counter()
     out = Path(recipe.output_dir)
     torch.manual_seed(recipe.seed)
-    # held-out captions (split_seed) stay unseen, so the testbed can measure generalisation
-    train_captions, _ = split_captions(recipe.data.split_seed)
-    data = make_dataset(recipe.data.images, seed=recipe.seed, size=recipe.data.size, pool=train_captions)
-    images, captions = data.images, data.texts
+    images, captions = training_data(recipe)
     tok_dir = write_world_tokenizer(out / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     parts = build_components(recipe, tokenizer)

@@ -89,12 +89,9 @@ def resume_ok(recipe: ShapesBenchRecipe) -> bool:
 
 # ------------------------------------------------------------------------------------------ stages
 def _execute(stage: str, data: dict[str, Any], core, resume) -> Any:
-    from smpo_cli.config import LoadedRecipe
-    from smpo_cli.config.loader import validate
-    from smpo_cli.runs import execute
+    from smpo_cli.runs import execute_nested
 
-    recipe = validate(data, stage, source=f"(smpo shapes run: {stage})")
-    return execute(stage, LoadedRecipe(recipe, f"(smpo shapes run: {stage})"), core, resume=resume)
+    return execute_nested(stage, data, core, resume, caller="smpo shapes run")
 
 
 def _generate(recipe: ShapesBenchRecipe, model: str, prompts: Path, out: Path, images_per_prompt: int, seed: int):

@@ -622,6 +622,34 @@ def render(caption: Caption, rng: np.random.Generator, size: int = DEFAULT_SIZE)
     return images[0], scenes[0]
 
 
+# A caption source that names colours by another convention: each colour's partner is a neighbour in
+# hue or lightness. An involution, so a swapped caption is always a valid caption of the same skill.
+COLOUR_PARTNERS: dict[str, str] = {
+    "red": "orange", "orange": "red", "green": "yellow", "yellow": "green",
+    "blue": "purple", "purple": "blue", "cyan": "white", "white": "cyan",
+}  # fmt: skip
+
+
+def swap_colours(caption: Caption) -> Caption:
+    """``caption`` with every colour word replaced by its ``COLOUR_PARTNERS`` partner (uncoloured: unchanged)."""
+    objects = tuple(
+        ObjectSpec(o.shape, COLOUR_PARTNERS[o.color] if o.color else None, o.count) for o in caption.objects
+    )
+    return Caption(caption.skill, objects, caption.relation)
+
+
+def miscaption(captions: Sequence[Caption], rate: float, seed: int) -> list[Caption]:
+    """The captions a noisy caption source would write: each, with probability ``rate``, by ``swap_colours``.
+
+    The images stay those of the true captions, so a model trained on the result names colours the
+    evaluators' way only ``1 - rate`` of the time: a misalignment that preference data can correct.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"colour swap rate must be in [0, 1], got {rate}")
+    flip = np.random.default_rng(seed).random(len(captions)) < rate
+    return [swap_colours(c) if f else c for c, f in zip(captions, flip, strict=True)]
+
+
 def make_dataset(
     n: int,
     seed: int,

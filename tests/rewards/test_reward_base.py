@@ -110,8 +110,8 @@ def test_resolve_file(tmp_path):
 
 
 def test_registry_names_and_official_sources():
-    assert available_rewards() == ("pickscore", "hpsv2", "imagereward", "aesthetic", "clip")
-    assert set(TINY_NAMES) == set(REWARDS)
+    assert available_rewards() == ("pickscore", "hpsv2", "imagereward", "aesthetic", "clip", "shapes-judge")
+    assert set(TINY_NAMES) == set(REWARDS) - {"shapes-judge"}  # the judge has no weights to make tiny
     assert REWARDS["pickscore"].default_source == "yuvalkirstain/PickScore_v1"
     assert REWARDS["hpsv2"].default_source == "xswu/HPSv2"
     assert REWARDS["imagereward"].default_source == "THUDM/ImageReward"

@@ -77,3 +77,20 @@ def test_ema_uses_the_warm_up_decay():
     assert ema.shadow[0].item() == pytest.approx(9 / 11)
     ema.copy_to()
     assert p.item() == pytest.approx(9 / 11)
+
+
+def test_colour_swap_miscaptions_the_text_and_keeps_the_images(tmp_path):
+    from smpo_cli.shapes.base_model import training_data
+    from smpo_cli.shapes.world import make_dataset, parse_caption, split_captions, swap_colours
+
+    clean_images, clean_texts = training_data(_recipe(tmp_path))
+    images, texts = training_data(_recipe(tmp_path, data={"images": 128, "colour_swap": 1.0}))
+    assert (images == clean_images).all()
+    truth = make_dataset(128, seed=0, pool=split_captions(0)[0]).captions
+    assert clean_texts == [c.text for c in truth]
+    assert texts == [swap_colours(c).text for c in truth]
+    assert any(t != c for t, c in zip(texts, clean_texts, strict=False)) and all(parse_caption(t) for t in texts)
+    half = training_data(_recipe(tmp_path, data={"images": 128, "colour_swap": 0.5}))[1]
+    changed = sum(t != c for t, c in zip(half, clean_texts, strict=False))
+    coloured = sum(t != c for t, c in zip(texts, clean_texts, strict=False))
+    assert 0.3 * coloured < changed < 0.7 * coloured

@@ -22,12 +22,14 @@ from smpo_cli.shapes import (
     draw_scene,
     make_dataset,
     meaning_group,
+    miscaption,
     parse_caption,
     render,
     render_batch,
     sample_caption,
     sample_captions,
     split_captions,
+    swap_colours,
     world,
 )
 
@@ -286,3 +288,27 @@ def test_split_and_sampling_do_not_depend_on_the_process(tmp_path):
         for h in (1, 2, 3)
     }
     assert len(digests) == 1
+
+
+def test_swap_colours_is_an_involution_that_keeps_the_skill_and_only_changes_colours():
+    for caption in all_captions():
+        swapped = swap_colours(caption)
+        assert swap_colours(swapped) == caption and swapped.skill == caption.skill
+        assert [o.shape for o in swapped.objects] == [o.shape for o in caption.objects]
+        assert [o.count for o in swapped.objects] == [o.count for o in caption.objects]
+        if any(o.color for o in caption.objects):
+            assert all(a.color != b.color for a, b in zip(swapped.objects, caption.objects, strict=False) if a.color)
+        else:
+            assert swapped == caption
+    assert swap_colours(parse_caption("a red circle and a blue square")).text == "an orange circle and a purple square"
+
+
+def test_miscaption_swaps_the_given_fraction_and_is_deterministic():
+    captions = sample_captions(np.random.default_rng(0), 4000, skill="colors")
+    noisy = miscaption(captions, 0.6, seed=3)
+    swapped = np.mean([n != c for n, c in zip(noisy, captions, strict=False)])
+    assert abs(swapped - 0.6) < 0.03 and noisy == miscaption(captions, 0.6, seed=3)
+    assert miscaption(captions, 0.0, seed=3) == captions
+    assert all(n == swap_colours(c) for n, c in zip(miscaption(captions, 1.0, seed=3), captions, strict=False))
+    with pytest.raises(ValueError, match="colour swap rate"):
+        miscaption(captions, 1.5, seed=3)
