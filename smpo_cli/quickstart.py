@@ -2,16 +2,16 @@
 
 1. ``smpo generate``: two samples per caption of the shapes world from ``shapes-sd15`` (the testbed's
    base model, shipped with smpo) -> preference pairs;
-2. ``smpo score``: a tiny PickScore-architecture reward labels them and gives p;
+2. ``smpo score``: ``shapes-pickscore`` (the shapes world's PickScore, shipped with smpo) labels them and gives p;
 3. ``smpo invert``: the ReNoise training cache of every pair;
 4. ``smpo train``: SmPO (from the cache) and Diffusion-DPO, a few steps each;
-5. ``smpo bench rewards``: each trained model against the base model on the same seeds, with a report.
+5. ``smpo bench rewards``: each trained model against the base model on the same seeds, scored by shapes-pickscore.
 
 Every stage is the real one, run with the bundled tiny recipes or overrides a user could type. Two
 numbers mean different things and are labelled so:
 
-* the reward is a tiny PickScore with **random weights** (no real reward model can be downloaded here), so
-  its win rates check the machinery and measure nothing;
+* the reward is ``shapes-pickscore``, a learned reward with known held-out vote accuracy (its report says it):
+  its win rates are a learned model's opinion, like PickScore's on real images;
 * the **shapes judge** reads every benchmark image against its caption: accuracy of the base and of each
   trained model on the same seeds, and the difference with a 95% cluster-bootstrap interval (prompts
   resampled). A few steps at a small learning rate (with warm-up) cannot make a measurable gain, and the
@@ -80,15 +80,15 @@ def run_quickstart(output_dir: str | Path, *, steps: int = 4) -> QuickstartResul
         for i, p in enumerate(PROMPTS)
     ))  # fmt: skip
     scored = root / "scored"
-    score = execute("score", load_recipe("tiny_score_cpu", "score", [f"data.path={pairs}", f"output_dir={scored}"]),
+    score = execute("score", load_recipe("shapes_score_cpu", "score", [f"data.path={pairs}", f"output_dir={scored}"]),
                     run_scoring, overwrite=True)  # fmt: skip
     cache = root / "cache"
     inv = [f"data.path={scored}", f"output_dir={cache}", f"model.pretrained={MODEL}", f"data.resolution={RESOLUTION}",
            "data.num_workers=0", "inversion.num_steps=5", "inversion.levels=[199,399,599,799,999]"]  # fmt: skip
     execute("invert", load_recipe(None, "invert", inv), run_inversion, overwrite=True, resume=inv_resume)
-    from smpo_cli.benchmark.report import TINY_REWARD
+    from smpo_cli.benchmark.report import shapes_pickscore_description
 
-    reward = f"pickscore, {TINY_REWARD} (no real reward model can be downloaded offline)"
+    reward = f"shapes-pickscore: {shapes_pickscore_description()}"
     result = QuickstartResult(str(root), len(PROMPTS), score.scored, reward=reward)
     for method, extra in (("smpo", ["inversion.source=cache", f"inversion.cache_path={cache}"]), ("dpo", [])):
         overrides = [f"data.path={scored}", f"output_dir={root / method}", f"train.max_steps={steps}",
@@ -98,16 +98,17 @@ def run_quickstart(output_dir: str | Path, *, steps: int = 4) -> QuickstartResul
         trained = execute("train", load_recipe(f"tiny_{method}_cpu", "train", overrides), run_training, overwrite=True)
         bench = [f"model.pretrained={trained.model_path}", f"baseline.pretrained={MODEL}", f"prompts.path={prompts}",
                  f"output_dir={root / ('bench_' + method)}", f"sampling.images_per_prompt={EVAL_IMAGES_PER_PROMPT}",
-                 *size, "rewards=[{name: pickscore, path: tiny}]"]  # fmt: skip
+                 *size, "rewards=[{name: pickscore, path: shapes-pickscore}]"]  # fmt: skip
         benched = execute("bench", load_recipe(None, "bench", bench), run_benchmark, overwrite=True)
         last = trained.metrics[-1] if trained.metrics else {}
-        win = benched.metrics["pickscore"]["win_rate_vs_baseline"]["win_rate"]
+        win = benched.metrics["pickscore"]["win_rate_vs_baseline"]
         judged = judge_comparison(root / f"bench_{method}" / "model_images", root / f"bench_{method}" / "baseline_images")
         result.runs.append({
             "method": method, "steps": trained.steps, "final_loss": trained.final_loss,
             "implicit_acc": last.get("implicit_acc"), "mean_p": last.get("mean_p"),
             "unet_calls_per_step": trained.unet_calls_per_step, "seconds": trained.seconds,
-            "random_reward_win_rate_vs_base": win, "model": trained.model_path, **judged,
+            "reward_win_rate_vs_base": win["win_rate"], "reward_win_rate_ci95": win["ci95"],
+            "model": trained.model_path, **judged,
             "report": str(root / ("bench_" + method) / "report.html"),
         })  # fmt: skip
     return result

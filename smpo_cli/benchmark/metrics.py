@@ -43,11 +43,19 @@ def win_rate(model, baseline) -> dict:
     if n == 0:
         return {"n": 0, "win_rate": None, "ci95": None}
     wins = float((a > b).sum() + 0.5 * (a == b).sum())
-    p = wins / n
+    lo, hi = wilson_interval(wins, n)
+    return {"n": int(n), "wins": wins, "win_rate": 100 * wins / n, "ci95": [100 * lo, 100 * hi]}
+
+
+def wilson_interval(hits: float, n: int) -> tuple[float, float]:
+    """Wilson 95% interval of the proportion hits / n (NaNs when n is 0)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = hits / n
     denom = 1 + Z95**2 / n
     centre = (p + Z95**2 / (2 * n)) / denom
     half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
-    return {"n": int(n), "wins": wins, "win_rate": 100 * p, "ci95": [100 * (centre - half), 100 * (centre + half)]}
+    return centre - half, centre + half
 
 
 def paired_bootstrap(model, baseline, groups=None, *, n_boot: int = 4000, seed: int = 0) -> dict:

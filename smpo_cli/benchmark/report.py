@@ -23,12 +23,31 @@ def _fmt(entry: dict | None, pct: bool = False) -> str:
 TINY_REWARD = "a tiny model with random weights, built in-process: it checks the machinery; its scores and win rates say nothing about the images"
 
 
+def shapes_pickscore_description() -> str:
+    """What shapes-pickscore is, with the held-out vote accuracies its training measured (from the shipped folder)."""
+    import json
+
+    from smpo_cli.models.shipped import SHIPPED_REWARDS
+
+    what = ("the shapes world's PickScore (a CLIP model trained with PickScore's loss on simulated annotators' "
+            "votes, `smpo shapes reward`)")  # fmt: skip
+    meta = SHIPPED_REWARDS["shapes-pickscore"][1] / "smpo_reward.json"
+    if meta.is_file():
+        acc = json.loads(meta.read_text(encoding="utf-8")).get("heldout_vote_accuracy", {})
+        if acc:
+            what += (f"; it predicts {100 * acc['reward']:.0f}% of held-out votes, the shapes judge "
+                     f"{100 * acc['judge']:.0f}%, the population's own preference {100 * acc['population']:.0f}%")  # fmt: skip
+    return what
+
+
 def reward_notes(recipe) -> list[str]:
     """What each reward model is: a win rate is only as meaningful as the reward that produced it."""
     notes = []
     for reward in recipe.rewards:
         if reward.path == "tiny":
             what = TINY_REWARD
+        elif reward.path == "shapes-pickscore":
+            what = shapes_pickscore_description()
         elif reward.path is None:
             what = "the official weights"
         else:

@@ -34,13 +34,14 @@ def quickstart(
     from rich.table import Table
 
     table = Table(title=f"smpo quickstart: {result.scored_pairs} pairs sampled from shapes-sd15 and scored", title_justify="left")
-    for col in ("method", "steps", "loss", "judge (base)", "change, pts [95% CI]", "verdict"):
+    for col in ("method", "steps", "loss", "judge (base)", "change, pts [95% CI]", "verdict", "reward win % [95% CI]"):
         table.add_column(col, no_wrap=True)
     for r in result.runs:
         lo, hi = r["judge_difference_ci95"]
         table.add_row(r["method"], str(r["steps"]), "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}",
                       f"{r['judge_accuracy']:.0%} ({r['base_judge_accuracy']:.0%})",
-                      f"{100 * r['judge_difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", r["judge_verdict"])  # fmt: skip
+                      f"{100 * r['judge_difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", r["judge_verdict"],
+                      f"{r['reward_win_rate_vs_base']:.0f} [{r['reward_win_rate_ci95'][0]:.0f}, {r['reward_win_rate_ci95'][1]:.0f}]")  # fmt: skip
     out.print(table)
     n = result.runs[0]["judge_images"] if result.runs else 0
     out.print(f"judge: the shapes judge on {n} images per model, same prompts and seeds as the base; interval: "

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from smpo_cli.errors import AssetNotFoundError, ModelLoadError, SmpoError, UsageError
-from smpo_cli.models.shipped import shipped_model_path
+from smpo_cli.models.shipped import SHIPPED_MODELS, shipped_model_path
 from smpo_cli.models.tiny import is_tiny_name, materialize_tiny
 from smpo_cli.utils.devices import resolve_device, resolve_dtype  # noqa: F401 (re-exported)
 from smpo_cli.utils.logging import get_logger, warning_once
@@ -241,7 +241,7 @@ def _resolve_source(
     raise AssetNotFoundError(
         f"{what} {text} does not exist",
         hint="give an existing local folder or file, a hub repo id (org/name) or "
-        + ", ".join(f"'{n}'" for n in ("tiny-sd15", "tiny-sdxl", "shapes-sd15")),
+        + ", ".join(f"'{n}'" for n in ("tiny-sd15", "tiny-sdxl", *SHIPPED_MODELS)),
     )
 
 

@@ -3,6 +3,9 @@
 ``shapes-sd15``: the shapes testbed's base model (SD1.5 layout, 32x32 images, float16 safetensors),
 made by ``smpo shapes pretrain --recipe shapes_base_cpu`` (see the README's shapes testbed section).
 
+``shapes-sd15-miscaptioned``: the same world and sizes, pretrained with 60% of captions naming every colour
+by its partner (``smpo shapes pretrain --recipe shapes_base_miscaptioned_cpu``): the testbed's misaligned base.
+
 ``shapes-pickscore``: the shapes world's PickScore (a ``pickscore`` reward model folder), made by
 ``smpo shapes reward --recipe shapes_pickscore_cpu``.
 """
@@ -12,7 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-SHIPPED_MODELS: dict[str, Path] = {"shapes-sd15": ASSETS / "shapes-sd15"}
+SHIPPED_MODELS: dict[str, Path] = {
+    "shapes-sd15": ASSETS / "shapes-sd15",
+    "shapes-sd15-miscaptioned": ASSETS / "shapes-sd15-miscaptioned",
+}
 # reward model name -> (registry family, folder)
 SHIPPED_REWARDS: dict[str, tuple[str, Path]] = {"shapes-pickscore": ("pickscore", ASSETS / "shapes-pickscore")}
 

@@ -29,6 +29,7 @@ from smpo_cli.config.schema import ShapesRewardRecipe
 from smpo_cli.utils.logging import get_logger
 
 logger = get_logger(__name__)
+IMAGE_SIZE = 32  # the shapes world's renders and models
 
 
 @dataclass
@@ -119,14 +120,35 @@ def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
             for k in parts[0]}  # fmt: skip
 
 
-def _binomial_ci(hits: float, n: int) -> list[float]:
-    """95% Wilson interval of a proportion."""
-    if n == 0:
-        return [float("nan"), float("nan")]
-    p, z = hits / n, 1.96
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [float(centre - half), float(centre + half)]
+def _contrastive(recipe: ShapesRewardRecipe, out: Path, tokenizer, bank, train_world):
+    """The contrastively pretrained CLIP, from ``contrastive/`` when a run with the same settings made it."""
+    import torch
+    from transformers import CLIPModel
+
+    from smpo_cli.shapes import reward_model as rm
+    from smpo_cli.shapes.world import make_dataset
+    from smpo_cli.utils.atomic import atomic_path
+    from smpo_cli.utils.progress import make_progress
+
+    key = recipe.model_dump(mode="json", include={"seed", "split_seed", "renders", "net", "contrastive"})
+    folder = out / "contrastive"
+    if (folder / "smpo_contrastive.json").is_file():
+        saved = json.loads((folder / "smpo_contrastive.json").read_text(encoding="utf-8"))
+        if saved["key"] == key:
+            return CLIPModel.from_pretrained(folder).eval(), saved["loss"]
+    net, c = recipe.net, recipe.contrastive
+    model = rm.build_reward_clip(tokenizer, width=net.width, layers=net.vision_layers, text_layers=net.text_layers,
+                                 patch_size=net.patch_size, image_size=IMAGE_SIZE, seed=recipe.seed)  # fmt: skip
+    renders = make_dataset(recipe.renders, seed=recipe.seed + 7, size=IMAGE_SIZE, pool=train_world)
+    torch.manual_seed(recipe.seed)
+    with make_progress() as progress:
+        loss = rm.contrastive_pretrain(
+            model, bank, renders.images, renders.captions, steps=c.steps, batch_size=c.batch_size, lr=c.lr,
+            warmup=c.warmup_steps, seed=recipe.seed + 3, progress=progress)  # fmt: skip
+    with atomic_path(folder) as tmp:  # an interrupted run keeps this phase
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "smpo_contrastive.json").write_text(json.dumps({"key": key, "loss": loss}) + "\n", encoding="utf-8")
+    return model, loss
 
 
 def run_shapes_reward(recipe: ShapesRewardRecipe) -> ShapesRewardResult:
@@ -143,6 +165,11 @@ def run_shapes_reward(recipe: ShapesRewardRecipe) -> ShapesRewardResult:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _store(recipe).write_fingerprint(fingerprint(recipe))
+    tokenizer = CLIPTokenizer.from_pretrained(write_world_tokenizer(out / "tokenizer"))
+    bank = rm.TextBank(tokenizer)
+    train_world, _ = split_captions(recipe.split_seed)
+    model, contrastive_loss = _contrastive(recipe, out, tokenizer, bank, train_world)
+
     parts, sample_info = [], []
     for i, spec in enumerate(recipe.samples):
         captions, images = _sample(recipe, i, out)
@@ -156,21 +183,10 @@ def run_shapes_reward(recipe: ShapesRewardRecipe) -> ShapesRewardResult:
     is_held = np.array([t in held for t in data["text"]])
     train_idx, held_idx = np.flatnonzero(~is_held), np.flatnonzero(is_held)
     pairs = rm.VotedPairs(data["a"], data["b"], data["text"], data["label"])
-
-    tokenizer = CLIPTokenizer.from_pretrained(write_world_tokenizer(out / "tokenizer"))
-    net = recipe.net
-    size = int(data["a"].shape[1])
-    model = rm.build_reward_clip(tokenizer, width=net.width, layers=net.vision_layers, text_layers=net.text_layers,
-                                 patch_size=net.patch_size, image_size=size, seed=recipe.seed)  # fmt: skip
-    bank = rm.TextBank(tokenizer)
-    train_world, _ = split_captions(recipe.split_seed)
-    renders = make_dataset(recipe.renders, seed=recipe.seed + 7, size=size, pool=train_world)
-    c, v = recipe.contrastive, recipe.votes
+    size = IMAGE_SIZE
+    v = recipe.votes
     torch.manual_seed(recipe.seed)
     with make_progress() as progress:
-        contrastive_loss = rm.contrastive_pretrain(
-            model, bank, renders.images, renders.captions, steps=c.steps, batch_size=c.batch_size, lr=c.lr,
-            warmup=c.warmup_steps, seed=recipe.seed + 3, progress=progress)  # fmt: skip
         vote_loss = rm.preference_finetune(
             model, bank, pairs.take(train_idx), steps=v.steps, batch_size=v.batch_size, lr=v.lr,
             warmup=v.warmup_steps, seed=recipe.seed + 4, progress=progress)  # fmt: skip
@@ -185,7 +201,9 @@ def run_shapes_reward(recipe: ShapesRewardRecipe) -> ShapesRewardResult:
         "judge": rm.vote_accuracy(data["judge_a"][held_idx], data["judge_b"][held_idx], label),
         "population": rm.vote_accuracy(true_p, 1 - true_p, label),
     }
-    vote_accuracy = {k: {"accuracy": a, "ci95": _binomial_ci(a * n, n)} for k, a in accuracy.items()}
+    from smpo_cli.benchmark.metrics import wilson_interval
+
+    vote_accuracy = {k: {"accuracy": a, "ci95": list(wilson_interval(a * n, n))} for k, a in accuracy.items()}
     vote_accuracy["pairs"] = n
     side = true_p != 0.5
     agreement = {

@@ -120,6 +120,8 @@ def test_the_stage_samples_votes_trains_and_writes_a_reward_smpo_score_reads(tmp
     assert summary["cosine_range"] == result.cosine_range
     reward = load_reward("pickscore", result.reward_dir)
     assert reward.cosine_range == pytest.approx(tuple(result.cosine_range))
-    # rerunning reuses the finished samples instead of generating again
+    # rerunning reuses the contrastive phase and the finished samples, and gives the same model
+    assert (tmp_path / "run" / "contrastive" / "smpo_contrastive.json").is_file()
     again = run_shapes_reward(recipe)
-    assert again.train_pairs == result.train_pairs
+    assert again.train_pairs == result.train_pairs and again.vote_accuracy == result.vote_accuracy
+    assert again.cosine_range == result.cosine_range
