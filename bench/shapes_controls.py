@@ -45,7 +45,8 @@ def smpo(*args: str, threads: int = 1) -> None:
 
 
 def generate(model: str, captions: Path, out: Path, per_caption: int, seed: int, guidance: float) -> None:
-    smpo("generate", "-m", model, "-p", str(captions), "-o", str(out), "--overwrite", "model.dtype=float32",
+    # no --overwrite: a rerun resumes a finished folder instead of sampling it again
+    smpo("generate", "-m", model, "-p", str(captions), "-o", str(out), "model.dtype=float32",
          "device=cpu", "logging.progress=false", f"seed={seed}", f"sampling.images_per_prompt={per_caption}",
          "sampling.num_inference_steps=20", f"sampling.guidance_scale={guidance}", "sampling.batch_size=64")  # fmt: skip
 
@@ -91,7 +92,7 @@ def main() -> None:
     if unknown := sorted(set(arms) - set(ARMS)):
         raise SystemExit(f"--arms: unknown arm(s) {unknown}; choose from {ARMS}")
     base = args.base
-    out = args.output_dir
+    out = args.output_dir.resolve()  # the pairs files name images by absolute path
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     train, _ = split_captions(0)
@@ -136,6 +137,10 @@ def main() -> None:
         (out / f"{arm}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def run_arm(arm: str) -> None:
+        marker = out / arm / "done.json"  # a rerun with the same settings keeps a finished arm
+        settings = {"base": base, "lr": args.lr, "steps": steps, "rows": len(data[arm])}
+        if marker.is_file() and json.loads(marker.read_text()) == settings:
+            return
         smpo("train", "--recipe", "tiny_dpo_cpu", "-o", str(out / arm / "train"), "--overwrite",
              f"model.pretrained={base}", f"data.path={out / f'{arm}.jsonl'}", "method.name=sft",
              "train.grad_accum_steps=1", "train.checkpoint_every_steps=null", "optim.weight_decay=0.0", "data.reward=sft", "data.resolution=32", "data.num_workers=0",
@@ -144,6 +149,7 @@ def main() -> None:
              f"optim.warmup_steps={max(1, steps // 6)}", "train.batch_size=32", f"train.max_steps={steps}",
              "logging.progress=false")  # fmt: skip
         generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / "eval", 4, 1000, 4.0)
+        marker.write_text(json.dumps(settings))
 
     with ThreadPoolExecutor(2) as ex:
         list(ex.map(run_arm, arms))
@@ -153,7 +159,7 @@ def main() -> None:
     base = judged(out / "eval_base", evals, 4)
     base_ok = np.array([v.correct for v in base], dtype=float)
     base_size = np.array([v.object_size for v in base])
-    result = {"base": base, "eval_images": int(base_ok.size), "steps": steps, "lr": args.lr, "base_accuracy": float(base_ok.mean()),
+    result = {"base": args.base, "eval_images": int(base_ok.size), "steps": steps, "lr": args.lr, "base_accuracy": float(base_ok.mean()),
               "base_object_size": float(base_size.mean()), "arms": {}}  # fmt: skip
     for arm in arms:
         v = judged(out / arm / "eval", evals, 4)

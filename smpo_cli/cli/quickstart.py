@@ -35,7 +35,7 @@ def quickstart(
 
     table = Table(title=f"smpo quickstart: {result.scored_pairs} pairs sampled from shapes-sd15 and scored", title_justify="left")
     for col in ("method", "steps", "loss", "judge (base)", "change, pts [95% CI]", "verdict", "reward win % [95% CI]"):
-        table.add_column(col, no_wrap=True)
+        table.add_column(col, no_wrap=col not in ("verdict", "change, pts [95% CI]", "reward win % [95% CI]"))
     for r in result.runs:
         lo, hi = r["judge_difference_ci95"]
         table.add_row(r["method"], str(r["steps"]), "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}",

@@ -799,7 +799,7 @@ class ShapesRewardRecipe(Block):
         default_factory=lambda: ShapesRewardPhaseSpec(steps=1500, batch_size=128, lr=2e-3, warmup_steps=100)
     )
     votes: ShapesRewardPhaseSpec = Field(
-        default_factory=lambda: ShapesRewardPhaseSpec(steps=600, batch_size=64, lr=1e-4, warmup_steps=50)
+        default_factory=lambda: ShapesRewardPhaseSpec(steps=600, batch_size=64, lr=2e-5, warmup_steps=50)
     )
     export_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of the saved weights.")
     logging: LoggingSpec = Field(default_factory=LoggingSpec)

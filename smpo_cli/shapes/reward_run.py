@@ -205,12 +205,12 @@ def run_shapes_reward(recipe: ShapesRewardRecipe) -> ShapesRewardResult:
 
     vote_accuracy = {k: {"accuracy": a, "ci95": list(wilson_interval(a * n, n))} for k, a in accuracy.items()}
     vote_accuracy["pairs"] = n
-    side = true_p != 0.5
+    # how often each names the side the population prefers (a score tie counts half, as for votes)
+    side = np.where(true_p > 0.5, 1.0, np.where(true_p < 0.5, 0.0, 0.5))
     agreement = {
-        "reward": float(np.mean(np.sign(cos_a - cos_b)[side] == np.sign(true_p - 0.5)[side])),
-        "judge": float(np.mean(np.sign(data["judge_a"][held_idx] - data["judge_b"][held_idx])[side]
-                               == np.sign(true_p - 0.5)[side])),  # fmt: skip
-        "pairs": int(side.sum()),
+        "reward": rm.vote_accuracy(cos_a, cos_b, side),
+        "judge": rm.vote_accuracy(data["judge_a"][held_idx], data["judge_b"][held_idx], side),
+        "pairs": int((side != 0.5).sum()),
     }
     fresh = make_dataset(2000, seed=recipe.seed + 8, size=size, pool=train_world)
     near = rm.near_miss_accuracy(model, bank, fresh.images, fresh.captions, seed=recipe.seed + 9)

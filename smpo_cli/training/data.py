@@ -180,7 +180,7 @@ class PairExamples(torch.utils.data.Dataset):
             images = [open_image(v, t.source.base_dir, 50_000_000) for v in values]
         except SkipPair as exc:
             logger.debug("skipping pair %d: %s", t.rows[idx], exc)
-            return None
+            return {"skip_reason": f"row {int(t.rows[idx])}: {exc}"}
         images = [images[w], images[1 - w]]  # winner first
         flip = d.random_flip and rng.random() < 0.5
         pixels, sizes, crops = [], [], []
@@ -197,9 +197,10 @@ class PairExamples(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Stack the good examples; count the skipped ones."""
-    good = [x for x in items if x is not None]
-    batch: dict[str, Any] = {"skipped": len(items) - len(good), "size": len(good)}
+    """Stack the good examples; count the skipped ones (and keep the first reason, for the error a user sees)."""
+    good = [x for x in items if x is not None and "skip_reason" not in x]
+    reasons = [x["skip_reason"] for x in items if x is not None and "skip_reason" in x]
+    batch: dict[str, Any] = {"skipped": len(items) - len(good), "size": len(good), "skip_reason": reasons[:1]}
     if not good:
         return batch
     batch["row"] = torch.tensor([x["row"] for x in good])

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from smpo_cli.config.schema import TrainRecipe
-from smpo_cli.errors import SmpoError, UsageError
+from smpo_cli.errors import DataError, SmpoError, UsageError
 from smpo_cli.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from smpo_cli.utils.logging import get_logger
 
@@ -177,10 +177,12 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
             sums: dict[str, float] = {}
             bad = False
             pairs = skipped = calls = 0
+            reasons: list[str] = []
             for micro in range(t.grad_accum_steps):
                 batch = next(batches)
                 micro_done += world
                 skipped += batch["skipped"]
+                reasons += batch.get("skip_reason", [])
                 sync = micro == t.grad_accum_steps - 1
                 ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(unet)
                 with ctx:
@@ -198,6 +200,14 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                 calls += mets.pop("unet_calls")
                 for k, v in mets.items():
                     sums[k] = sums.get(k, 0.0) + v * batch["size"]
+            if accelerator.reduce(torch.tensor(float(pairs), device=device), reduction="sum").item() == 0:
+                # every pair of a whole step unreadable: the data is broken (e.g. image paths relative to the
+                # wrong folder), and training on would silently leave the model unchanged
+                raise DataError(
+                    f"{r.data.path}: step {step + 1} found no readable pair ({skipped} skipped here); first: "
+                    f"{reasons[0] if reasons else 'on another process'}",
+                    hint="image paths are resolved relative to the pairs file's folder; check that the files exist",
+                )
             bad_any = accelerator.reduce(torch.tensor(float(bad), device=device), reduction="sum").item() > 0
             if bad_any:
                 optimizer.zero_grad(set_to_none=True)

@@ -66,7 +66,7 @@ def test_quickstart_end_to_end(tmp_path, capsys):
         assert r["judge_verdict"] == ("better" if lo > 0 else "worse" if hi < 0 else "no measurable change")
         # the training must not damage the model (it did at 1e-4 without warm-up: 62% -> 25%)
         assert r["judge_verdict"] != "worse", r
-        page = Path(r["report"]).read_text()
+        page = __import__("html").unescape(Path(r["report"]).read_text())
         assert "shapes world's PickScore" in page and "held-out votes" in page  # what the reward is, and how good
     assert "shapes-pickscore" in result["reward"] and "held-out votes" in result["reward"]
     smpo, dpo = result["runs"]

@@ -249,3 +249,18 @@ def test_training_latents_are_posterior_samples(tmp_path):
     from smpo_cli.config.schema import TrainRecipe
 
     assert TrainRecipe.model_fields["data"].annotation.model_fields["latents"].default == "sample"
+
+
+def test_a_step_without_one_readable_pair_is_an_error_not_a_silent_no_op(tmp_path, capsys):
+    """Image paths resolved against the wrong folder used to skip every pair and leave the model unchanged."""
+    from smpo_cli.data.toy_pairs import write_toy_pairs
+
+    pairs = write_toy_pairs(tmp_path / "pairs", n=4)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    moved = tmp_path / "elsewhere.jsonl"  # relative image paths now point at nothing
+    moved.write_text("".join(json.dumps({**r, "sft_winner": 0, "sft_p": 1.0}) + "\n" for r in rows))
+    code = run(["-q", "train", "--recipe", "tiny_dpo_cpu", "-o", str(tmp_path / "out"), f"data.path={moved}",
+                "method.name=sft", "data.reward=sft", "train.max_steps=2", "train.checkpoint_every_steps=null"])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "found no readable pair" in err and "file not found" in err

@@ -1,0 +1,152 @@
+"""SmPO vs Diffusion-DPO on the miscaptioned shapes model, with pairs made by `smpo pairs` and a learned reward.
+
+1. ``smpo pairs``: ``images`` samples per training caption from ``shapes-sd15-miscaptioned`` (captions with
+   uniform skills), scored by ``shapes-pickscore`` (the learned reward, its own cosine range), best vs worst;
+2. each pair also gets one simulated annotator's vote (``shapes.annotators``, read off the judge), the
+   "human label" Diffusion-DPO trains on, written as the ``votes_winner`` / ``votes_p`` columns;
+3. ``smpo train`` for each arm, same pairs, steps, batch and learning rate:
+   ``smpo`` (shapes-pickscore's smoothed p, random noise), ``smpo_binary`` (the same winner, p = 1) and
+   ``dpo`` (the votes), with the paper's SD1.5 temperatures (SmPO beta 2000 and gamma 10, DPO beta 5000);
+4. every model samples the same evaluation captions with the same seeds; the judge reads every image;
+   differences from the base and SmPO - DPO are paired by seed, with 95% cluster-bootstrap intervals
+   over captions.
+
+    python bench/shapes_alignment.py -o runs/shapes-alignment          # about 25 minutes on 2 CPU cores
+    python bench/shapes_alignment.py -o /tmp/a --quick --json          # the plumbing in about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes_controls import generate, judged, smpo, write_captions  # noqa: E402
+
+BASE = "shapes-sd15-miscaptioned"
+ARMS = {  # name: (method, data.reward, binary labels, beta): the paper's SD1.5 temperatures (SmPO gamma 10)
+    "smpo": ("smpo", "pickscore", False, 2000.0),
+    "smpo_binary": ("smpo", "pickscore", True, 2000.0),
+    "dpo": ("dpo", "votes", False, 5000.0),
+}
+
+
+def add_votes(pairs_dir: Path, seed: int) -> dict:
+    """One sampled annotator's vote per pair (the human label), as votes_winner / votes_p columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from smpo_cli.shapes.annotators import DEFAULT_POPULATION
+    from smpo_cli.shapes.judge import judge_batch
+    from smpo_cli.shapes.world import parse_caption
+
+    path = pairs_dir / "pairs.parquet"
+    table = pq.read_table(path)
+    captions = [parse_caption(t) for t in table.column("prompt").to_pylist()]
+    read = lambda col: np.stack([np.asarray(Image.open(pairs_dir / f).convert("RGB")) for f in table.column(col).to_pylist()])  # noqa: E731
+    va, vb = judge_batch(read("image_0"), captions), judge_batch(read("image_1"), captions)
+    labels = DEFAULT_POPULATION.label_pairs(np.random.default_rng([seed, 3]), va, vb)
+    votes_winner = np.where(labels.labels == 1, 0, 1).astype(np.int8)
+    for name, values in (("votes_winner", votes_winner), ("votes_p", np.ones(len(votes_winner))),
+                         ("true_p0", labels.true_preference)):  # fmt: skip
+        table = table.append_column(name, pa.array(values))
+    pq.write_table(table, path)
+    reward_winner = table.column("pickscore_winner").to_numpy()
+    true_winner = np.where(labels.true_preference >= 0.5, 0, 1)
+    judge_gap = np.array([a.score - b.score for a, b in zip(va, vb, strict=True)])
+    decided = judge_gap != 0
+    return {"pairs": len(votes_winner), "judge_ties": float(np.mean(~decided)),
+            "reward_agrees_with_population": float(np.mean(reward_winner == true_winner)),
+            "votes_agree_with_population": float(np.mean(votes_winner == true_winner)),
+            "reward_agrees_with_judge_when_decided": float(((reward_winner == 0) == (judge_gap > 0))[decided].mean())
+            if decided.any() else float("nan")}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-o", "--output-dir", type=Path, required=True)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, measures nothing")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--base", default=BASE)
+    ap.add_argument("--lr", type=float, default=5e-5, help="learning rate (constant after warm-up)")
+    ap.add_argument("--steps", type=int, default=400, help="optimiser steps per arm")
+    ap.add_argument("--captions", type=int, default=768, help="training captions sampled for pairs")
+    ap.add_argument("--images", type=int, default=4, help="samples per caption (best vs worst)")
+    ap.add_argument("--eval-captions", type=int, default=384, help="evaluation captions (x 4 images)")
+    args = ap.parse_args()
+    from smpo_cli.benchmark.metrics import paired_bootstrap
+    from smpo_cli.shapes.world import sample_captions, split_captions
+
+    q = args.quick
+    n_caps, eval_n, steps = (16, 24, 3) if q else (args.captions, args.eval_captions, args.steps)
+    out = args.output_dir.resolve()  # the pairs files name images by absolute path
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    train, _ = split_captions(0)
+    rng = np.random.default_rng(21)
+    pool = write_captions(out / "pool.txt", sample_captions(rng, n_caps, pool=train))
+    evals = sample_captions(np.random.default_rng(22), eval_n, pool=[c for c in train if c.geneval_form])
+    eval_file = write_captions(out / "eval.txt", evals)
+
+    def make_pairs() -> None:
+        smpo("pairs", "--recipe", "pairs_tiny_cpu", "-o", str(out / "pairs"), "--overwrite", f"model.pretrained={args.base}",
+             f"prompts.path={pool}", "~prompts.limit", f"sampling.images_per_prompt={args.images}",
+             "sampling.batch_size=64", "logging.progress=false")  # fmt: skip
+
+    with ThreadPoolExecutor(2) as ex:
+        jobs = [ex.submit(make_pairs), ex.submit(generate, args.base, eval_file, out / "eval_base", 4, 1000, 4.0)]
+        [j.result() for j in jobs]
+    pair_stats = add_votes(out / "pairs", seed=21)
+    summary = json.loads((out / "pairs" / "summary.json").read_text())["summary"]["pickscore"]
+
+    def run_arm(arm: str) -> None:
+        method, reward, binary, beta = ARMS[arm]
+        smpo("train", "--recipe", "tiny_dpo_cpu", "-o", str(out / arm / "train"), "--overwrite",
+             f"model.pretrained={args.base}", f"data.path={out / 'pairs'}", f"method.name={method}",
+             f"method.binary_labels={str(binary).lower()}", f"method.beta={beta}", f"data.reward={reward}",
+             "train.grad_accum_steps=1", "train.checkpoint_every_steps=null", "optim.weight_decay=0.0",
+             "data.resolution=32", "data.num_workers=0", "data.empty_prompt_prob=0.1", "model.dtype=float32",
+             "device=cpu", "inversion.source=none", f"optim.lr={args.lr}", "optim.scale_lr=false",
+             "optim.lr_scheduler=constant_with_warmup", f"optim.warmup_steps={max(1, steps // 8)}",
+             "train.batch_size=16", f"train.max_steps={steps}", "logging.progress=false")  # fmt: skip
+        generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / "eval", 4, 1000, 4.0)
+
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(run_arm, ARMS))
+
+    groups = np.repeat(np.arange(len(evals)), 4)
+    skills = np.array([c.skill for c in evals for _ in range(4)])
+    base_ok = np.array([v.correct for v in judged(out / "eval_base", evals, 4)], dtype=float)
+    oks = {arm: np.array([v.correct for v in judged(out / arm / "eval", evals, 4)], dtype=float) for arm in ARMS}
+    result = {"base": args.base, "eval_images": int(base_ok.size), "steps": steps, "batch_pairs": 16, "lr": args.lr,
+              "betas": {a: v[3] for a, v in ARMS.items()}, "pairs": pair_stats, "pair_summary": summary, "base_accuracy": float(base_ok.mean()),
+              "base_skills": {s: float(base_ok[skills == s].mean()) for s in sorted(set(skills))}, "arms": {}}  # fmt: skip
+    for arm, ok in oks.items():
+        result["arms"][arm] = {"accuracy": float(ok.mean()), "change": paired_bootstrap(ok, base_ok, groups),
+                               "skills": {s: float(ok[skills == s].mean()) for s in sorted(set(skills))}}  # fmt: skip
+    result["smpo_minus_dpo"] = paired_bootstrap(oks["smpo"], oks["dpo"], groups)
+    result["smpo_minus_smpo_binary"] = paired_bootstrap(oks["smpo"], oks["smpo_binary"], groups)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+        return
+    ci = lambda d: f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"  # noqa: E731
+    print(f"{args.base}: base {result['base_accuracy']:.1%} on {result['eval_images']} images; {pair_stats['pairs']} pairs "
+          f"(judge ties {pair_stats['judge_ties']:.0%}; reward agrees with the population {pair_stats['reward_agrees_with_population']:.0%}, "
+          f"votes {pair_stats['votes_agree_with_population']:.0%}); {steps} steps x 16 pairs, lr {args.lr:g}, beta {args.beta:g}; "
+          f"{result['seconds']:.0f} s")  # fmt: skip
+    for arm, r in result["arms"].items():
+        print(f"{arm:12} {r['accuracy']:>7.1%}  change {ci(r['change'])}")
+    print(f"SmPO - DPO {ci(result['smpo_minus_dpo'])};  SmPO - SmPO binary {ci(result['smpo_minus_smpo_binary'])}")
+
+
+if __name__ == "__main__":
+    main()
