@@ -116,7 +116,7 @@ def main() -> None:
              "device=cpu", "inversion.source=none", f"optim.lr={args.lr}", "optim.scale_lr=false",
              "optim.lr_scheduler=constant_with_warmup", f"optim.warmup_steps={max(1, steps // 8)}",
              "train.batch_size=16", f"train.max_steps={steps}", "logging.progress=false")  # fmt: skip
-        generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / "eval", 4, 1000, 4.0)
+        generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / "eval", 4, 1000, 4.0, overwrite=True)
 
     with ThreadPoolExecutor(2) as ex:
         list(ex.map(run_arm, ARMS))

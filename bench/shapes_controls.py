@@ -44,9 +44,11 @@ def smpo(*args: str, threads: int = 1) -> None:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
 
 
-def generate(model: str, captions: Path, out: Path, per_caption: int, seed: int, guidance: float) -> None:
-    # no --overwrite: a rerun resumes a finished folder instead of sampling it again
-    smpo("generate", "-m", model, "-p", str(captions), "-o", str(out), "model.dtype=float32",
+def generate(model: str, captions: Path, out: Path, per_caption: int, seed: int, guidance: float,
+             overwrite: bool = False) -> None:  # fmt: skip
+    # without overwrite a rerun resumes a finished folder instead of sampling it again; a retrained model's
+    # folder must be overwritten (same path, other weights)
+    smpo("generate", "-m", model, "-p", str(captions), "-o", str(out), *(["--overwrite"] if overwrite else []), "model.dtype=float32",
          "device=cpu", "logging.progress=false", f"seed={seed}", f"sampling.images_per_prompt={per_caption}",
          "sampling.num_inference_steps=20", f"sampling.guidance_scale={guidance}", "sampling.batch_size=64")  # fmt: skip
 
@@ -148,7 +150,7 @@ def main() -> None:
              f"optim.lr={args.lr}", "optim.scale_lr=false", "optim.lr_scheduler=constant_with_warmup",
              f"optim.warmup_steps={max(1, steps // 6)}", "train.batch_size=32", f"train.max_steps={steps}",
              "logging.progress=false")  # fmt: skip
-        generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / "eval", 4, 1000, 4.0)
+        generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / "eval", 4, 1000, 4.0, overwrite=True)
         marker.write_text(json.dumps(settings))
 
     with ThreadPoolExecutor(2) as ex:

@@ -94,3 +94,31 @@ def test_colour_swap_miscaptions_the_text_and_keeps_the_images(tmp_path):
     changed = sum(t != c for t, c in zip(half, clean_texts, strict=False))
     coloured = sum(t != c for t, c in zip(texts, clean_texts, strict=False))
     assert 0.3 * coloured < changed < 0.7 * coloured
+
+
+@pytest.mark.parametrize(
+    ("model", "partners_apart"), [("shapes-sd15", True), ("shapes-sd15-miscaptioned", False)]
+)
+def test_the_jointly_trained_text_encoder_separates_only_what_its_captions_separate(model, partners_apart):
+    """Why fine-tuning the UNet cannot fix the miscaptioned model's colours (README, positive controls).
+
+    Pretraining trains the text encoder with the UNet, so words its captions use interchangeably collapse:
+    the miscaptioned model's text encoder barely tells a colour from its partner, and smpo train, which
+    keeps the text encoder frozen, conditions the UNet on nearly the same vectors for both.
+    """
+    from smpo_cli.models.conditioning import encode_prompts
+    from smpo_cli.models.loading import load_components
+
+    parts = load_components(model, dtype="float32")
+    pairs = [("a red circle", "an orange circle"), ("a blue square", "a purple square"),
+             ("a green triangle", "a yellow triangle")]  # fmt: skip
+    apart = []
+    for a, b in pairs:
+        e = encode_prompts(parts, [a, b]).prompt_embeds
+        apart.append(float((e[0] - e[1]).norm() / e[0].norm()))
+    other = encode_prompts(parts, ["a red circle", "a blue circle"]).prompt_embeds
+    assert float((other[0] - other[1]).norm() / other[0].norm()) > 0.4  # unrelated colours stay apart in both
+    if partners_apart:
+        assert min(apart) > 0.3, apart
+    else:
+        assert max(apart) < 0.15, apart
