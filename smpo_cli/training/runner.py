@@ -176,12 +176,13 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
             tick = time.perf_counter()
             sums: dict[str, float] = {}
             bad = False
-            pairs = skipped = calls = 0
+            pairs = skipped = calls = readable = 0
             reasons: list[str] = []
             for micro in range(t.grad_accum_steps):
                 batch = next(batches)
                 micro_done += world
                 skipped += batch["skipped"]
+                readable += batch["size"]
                 reasons += batch.get("skip_reason", [])
                 sync = micro == t.grad_accum_steps - 1
                 ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(unet)
@@ -200,7 +201,7 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                 calls += mets.pop("unet_calls")
                 for k, v in mets.items():
                     sums[k] = sums.get(k, 0.0) + v * batch["size"]
-            if accelerator.reduce(torch.tensor(float(pairs), device=device), reduction="sum").item() == 0:
+            if accelerator.reduce(torch.tensor(float(readable), device=device), reduction="sum").item() == 0:
                 # every pair of a whole step unreadable: the data is broken (e.g. image paths relative to the
                 # wrong folder), and training on would silently leave the model unchanged
                 raise DataError(
