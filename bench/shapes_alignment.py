@@ -141,7 +141,7 @@ def main() -> None:
     ci = lambda d: f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"  # noqa: E731
     print(f"{args.base}: base {result['base_accuracy']:.1%} on {result['eval_images']} images; {pair_stats['pairs']} pairs "
           f"(judge ties {pair_stats['judge_ties']:.0%}; reward agrees with the population {pair_stats['reward_agrees_with_population']:.0%}, "
-          f"votes {pair_stats['votes_agree_with_population']:.0%}); {steps} steps x 16 pairs, lr {args.lr:g}, beta {args.beta:g}; "
+          f"votes {pair_stats['votes_agree_with_population']:.0%}); {steps} steps x 16 pairs, lr {args.lr:g}; "
           f"{result['seconds']:.0f} s")  # fmt: skip
     for arm, r in result["arms"].items():
         print(f"{arm:12} {r['accuracy']:>7.1%}  change {ci(r['change'])}")
