@@ -73,6 +73,7 @@ def _score(spec: PairsRewardSpec, recipe: PairsRecipe, images: list[Path], promp
     from PIL import Image
 
     from smpo_cli.rewards import load_reward
+    from smpo_cli.scoring.runner import choose_output
     from smpo_cli.utils.atomic import write_json
     from smpo_cli.utils.devices import resolve_device
 
@@ -91,10 +92,7 @@ def _score(spec: PairsRewardSpec, recipe: PairsRecipe, images: list[Path], promp
         path = str(tiny_reward_path(spec.name, build=True))
     reward = load_reward(spec.name, path, device=str(device), dtype=dtype, batch_size=recipe.reward_batch_size,
                          **spec.options)  # fmt: skip
-    output = spec.output or ("cosine" if spec.name == "pickscore" else reward.default_output)
-    if output not in reward.output_names:
-        raise DataError(f"rewards[{spec.prefix}].output={output!r} is not an output of {reward.name}",
-                        hint="outputs: " + ", ".join(reward.output_names))  # fmt: skip
+    output = choose_output(spec.output, reward, f"rewards[{spec.prefix}].output")
     scores = []
     batch = recipe.reward_batch_size
     with torch.inference_mode():

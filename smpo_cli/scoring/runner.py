@@ -87,12 +87,14 @@ def resume_ok(recipe: ScoreRecipe) -> bool:
 
 
 def _choose_output(recipe: ScoreRecipe, reward) -> str:
-    output = recipe.reward.output or ("cosine" if recipe.reward.name == "pickscore" else reward.default_output)
+    return choose_output(recipe.reward.output, reward, "reward.output")
+
+
+def choose_output(requested: str | None, reward, key: str) -> str:
+    """The score p is computed from: ``requested``, else cosine for PickScore (SmPO's constants), else the default."""
+    output = requested or ("cosine" if reward.name == "pickscore" else reward.default_output)
     if output not in reward.output_names:
-        raise DataError(
-            f"reward.output={output!r} is not an output of {reward.name}",
-            hint="outputs: " + ", ".join(reward.output_names),
-        )
+        raise DataError(f"{key}={output!r} is not an output of {reward.name}", hint="outputs: " + ", ".join(reward.output_names))
     return output
 
 

@@ -22,7 +22,6 @@ Everything here is pure training code on arrays: the stage (``run_shapes_reward`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -151,12 +150,13 @@ class TextBank:
 
 
 def embed(model, px=None, ids=None):
-    """L2-normalised projected embeddings (differentiable), as ``rewards._hf_clip`` computes them at scoring."""
+    """L2-normalised projected embeddings (differentiable), normalised as ``rewards._hf_clip`` does at scoring."""
     import torch
 
+    from smpo_cli.rewards.base import l2_normalize
+
     def unit(out):
-        x = getattr(out, "pooler_output", out)
-        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return l2_normalize(getattr(out, "pooler_output", out))
 
     img = unit(model.get_image_features(pixel_values=px)) if px is not None else None
     if ids is None:
@@ -167,14 +167,30 @@ def embed(model, px=None, ids=None):
     return img, unit(model.get_text_features(input_ids=ids, attention_mask=mask))
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress))
+def _optimise(model, loss_of_step, *, steps: int, lr: float, warmup: int, what: str, progress=None) -> float:
+    """AdamW (weight decay 0.1), linear warm-up then cosine decay to 0, gradient clipping at 1; returns the mean
+    of the last 50 losses. ``loss_of_step()`` draws its own batch and returns the loss."""
+    import torch
 
-    return f
+    from smpo_cli.shapes.base_model import _lr_lambda
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps, 0.0))
+    task = progress.add_task(f"shapes-pickscore: {what}", total=steps) if progress else None
+    model.train()
+    recent: list[float] = []
+    for _ in range(steps):
+        loss = loss_of_step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        recent = (recent + [loss.item()])[-50:]
+        if progress:
+            progress.update(task, advance=1, description=f"shapes-pickscore: {what} {np.mean(recent):.3f}")
+    model.eval()
+    return float(np.mean(recent))
 
 
 def contrastive_pretrain(model, bank: TextBank, images: np.ndarray, captions: Sequence[Caption], *, steps: int,
@@ -188,12 +204,8 @@ def contrastive_pretrain(model, bank: TextBank, images: np.ndarray, captions: Se
 
     rng = np.random.default_rng(seed)
     texts = [c.text for c in captions]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
-    task = progress.add_task("shapes-pickscore: contrastive", total=steps) if progress else None
-    model.train()
-    recent: list[float] = []
-    for _ in range(steps):
+
+    def step_loss():
         idx = rng.integers(0, len(images), batch_size)
         batch_texts = [texts[i] for i in idx]
         misses = [near_miss(captions[i], rng).text for i in idx]
@@ -206,17 +218,9 @@ def contrastive_pretrain(model, bank: TextBank, images: np.ndarray, captions: Se
         t2i = (scale * txt[:batch_size] @ img.T).masked_fill(same[:, :batch_size] & ~own[:, :batch_size],
                                                               float("-inf"))  # fmt: skip
         target = torch.arange(batch_size)
-        loss = 0.5 * (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        recent = (recent + [loss.item()])[-50:]
-        if progress:
-            progress.update(task, advance=1, description=f"shapes-pickscore: contrastive {np.mean(recent):.3f}")
-    model.eval()
-    return float(np.mean(recent))
+        return 0.5 * (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target))
+
+    return _optimise(model, step_loss, steps=steps, lr=lr, warmup=warmup, what="contrastive", progress=progress)
 
 
 @dataclass(frozen=True)
@@ -241,29 +245,16 @@ def preference_finetune(model, bank: TextBank, pairs: VotedPairs, *, steps: int,
     import torch
 
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
-    task = progress.add_task("shapes-pickscore: votes", total=steps) if progress else None
-    model.train()
-    recent: list[float] = []
-    for _ in range(steps):
-        idx = rng.integers(0, len(pairs), batch_size)
-        b = pairs.take(idx)
+
+    def step_loss():
+        b = pairs.take(rng.integers(0, len(pairs), batch_size))
         img, txt = embed(model, pixels(np.concatenate([b.images_a, b.images_b])), bank.encode(b.texts))
         scale = model.logit_scale.exp().clamp(max=100.0)
         logits = scale * torch.stack([(img[:batch_size] * txt).sum(-1), (img[batch_size:] * txt).sum(-1)], dim=1)
         y = torch.from_numpy(b.label).float()
-        loss = -(torch.stack([y, 1 - y], dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        recent = (recent + [loss.item()])[-50:]
-        if progress:
-            progress.update(task, advance=1, description=f"shapes-pickscore: votes {np.mean(recent):.3f}")
-    model.eval()
-    return float(np.mean(recent))
+        return -(torch.stack([y, 1 - y], dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+    return _optimise(model, step_loss, steps=steps, lr=lr, warmup=warmup, what="votes", progress=progress)
 
 
 def cosines(model, bank: TextBank, images: np.ndarray, texts: Sequence[str], batch_size: int = 512) -> np.ndarray:
