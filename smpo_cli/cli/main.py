@@ -20,6 +20,7 @@ from smpo_cli.cli import invert as invert_cmd
 from smpo_cli.cli import pairs as pairs_cmd
 from smpo_cli.cli import quickstart as quickstart_cmd
 from smpo_cli.cli import recipe as recipe_cmd
+from smpo_cli.cli import rounds as rounds_cmd
 from smpo_cli.cli import score as score_cmd
 from smpo_cli.cli import selftest as selftest_cmd
 from smpo_cli.cli import shapes as shapes_cmd
@@ -77,6 +78,7 @@ def root(
 
 app.command(name="score", epilog=score_cmd.EPILOG)(score_cmd.score)
 app.command(name="pairs", epilog=pairs_cmd.EPILOG)(pairs_cmd.pairs)
+app.command(name="rounds", epilog=rounds_cmd.EPILOG)(rounds_cmd.rounds)
 app.command(name="invert", epilog=invert_cmd.EPILOG)(invert_cmd.invert)
 app.command(name="train", epilog=train_cmd.EPILOG)(train_cmd.train)
 app.command(name="generate", epilog=generate_cmd.EPILOG)(generate_cmd.generate)

@@ -499,6 +499,40 @@ class PairsRecipe(Block):
         return self.prefix or (self.rewards[0].prefix if len(self.rewards) == 1 else "mix")
 
 
+# ----------------------------------------------------------------------------- rounds stage
+class RoundStageSpec(Block):
+    """One stage of every round: a recipe (bundled name or YAML path) and overrides; rounds set the rest."""
+
+    recipe: str | None = Field(None, description="Bundled recipe name or YAML file of this stage; null: the stage's defaults.")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides, as on the command line.")
+
+
+class RoundsRecipe(Block):
+    """``smpo rounds``: iterative (self-play) alignment, pairs -> invert (cache) -> train, each round on the last's model."""
+
+    stage: Literal["rounds"] = "rounds"
+    schema_version: int = SCHEMA_VERSION
+    seed: int = Field(0, description="Round r samples its pairs with seed + r (and trains with the train recipe's seed + r).")
+    output_dir: str = Field(description="Run folder: round_<r>/{pairs,cache,train,model}, eval/ and summary.json.")
+    rounds: PositiveInt = Field(2, description="Rounds R; round r samples from round r-1's model (round 0: the start model).")
+    model: str | None = Field(
+        None, description="The start model (sets model.pretrained of every stage of round 0); null: the train recipe's."
+    )
+    pairs: RoundStageSpec = Field(description="smpo pairs recipe; model.pretrained, output_dir and seed are set per round.")
+    invert: RoundStageSpec | None = Field(
+        None, description="smpo invert recipe for the training cache (needed when the train recipe has "
+        "inversion.source=cache); model, data.path, data.layout and output_dir are set per round.",
+    )  # fmt: skip
+    train: RoundStageSpec = Field(
+        description="smpo train recipe; model.pretrained, data.path, data.reward, inversion.cache_path and output_dir "
+        "are set per round. LoRA runs are fused into a full pipeline (round_<r>/model) for the next round."
+    )  # fmt: skip
+    evaluate_final: bool = Field(
+        True, description="Also sample and score the last round's model with the pairs recipe (eval/): R + 1 models' rewards."
+    )  # fmt: skip
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+
 # ----------------------------------------------------------------------------- bench stage
 class BenchRewardSpec(Block):
     """One reward model of a benchmark."""
@@ -637,6 +671,23 @@ class ShapesModelSpec(Block):
         return self
 
 
+class ShapesTextEncoderSpec(Block):
+    """How the base model's CLIP text encoder is made."""
+
+    training: Literal["joint", "contrastive"] = Field(
+        "joint",
+        description="joint: trained with the UNet, so words its captions use interchangeably collapse (the shipped "
+        "shapes-sd15) | contrastive: CLIP-pretrained first on renders with their true captions (InfoNCE with "
+        "near-miss negatives), then frozen while the UNet trains, as SD1.5 keeps OpenAI's CLIP frozen.",
+    )  # fmt: skip
+    steps: PositiveInt = Field(1500, description="contrastive: CLIP optimiser steps.")
+    batch_size: PositiveInt = Field(128, description="contrastive: images (and captions) per step.")
+    lr: float = Field(2e-3, gt=0, description="contrastive: AdamW peak learning rate (cosine to 0).")
+    warmup_steps: NonNegInt = Field(100, description="contrastive: linear warm-up steps.")
+    vision_layers: PositiveInt = Field(3, description="contrastive: layers of the ViT image tower (discarded after).")
+    patch_size: PositiveInt = Field(4, description="contrastive: ViT patch side in pixels.")
+
+
 class ShapesVaeSpec(Block):
     steps: PositiveInt = Field(900, description="VAE optimiser steps (~0.33 s each on 2 CPU cores at batch 64).")
     batch_size: PositiveInt = Field(64)
@@ -666,6 +717,7 @@ class ShapesPretrainRecipe(Block):
     output_dir: str = Field(description="Run folder: tokenizer/, pipeline/ (diffusers format), summary.json.")
     data: ShapesDataSpec = Field(default_factory=ShapesDataSpec)
     model: ShapesModelSpec = Field(default_factory=ShapesModelSpec)
+    text_encoder: ShapesTextEncoderSpec = Field(default_factory=ShapesTextEncoderSpec)
     vae: ShapesVaeSpec = Field(default_factory=ShapesVaeSpec)
     unet: ShapesUnetSpec = Field(default_factory=ShapesUnetSpec)
     export_dtype: Literal["float16", "bfloat16", "float32"] = Field(
@@ -811,5 +863,5 @@ STAGE_SCHEMAS: dict[str, type[Block]] = {
     "score": ScoreRecipe, "invert": InvertRecipe, "train": TrainRecipe, "generate": GenerateRecipe,
     "bench": BenchRecipe, "geneval": GenevalRecipe,
     "shapes_pretrain": ShapesPretrainRecipe, "shapes_bench": ShapesBenchRecipe, "shapes_reward": ShapesRewardRecipe,
-    "pairs": PairsRecipe,
+    "pairs": PairsRecipe, "rounds": RoundsRecipe,
 }  # fmt: skip

@@ -6,10 +6,15 @@ weights up to floating-point nondeterminism of the CPU kernels):
 1. the CLIP tokenizer of the world's vocabulary (every word one token; ``models.tiny.tokenizer_files``);
 2. an ``AutoencoderKL`` (4x down-sampling, 4 latent channels) on rendered scenes: MSE + a tiny KL;
 3. every image encoded once (posterior mean and std); ``scaling_factor`` = 1 / std of the means;
-4. the ``UNet2DConditionModel`` and the ``CLIPTextModel`` jointly (a frozen random text encoder cannot tell
-   colours apart), epsilon objective, captions dropped with probability ``empty_prompt_prob`` for
-   classifier-free guidance, AdamW with warm-up and cosine decay, gradient clipping, EMA weights;
-5. a ``StableDiffusionPipeline`` (EMA weights, DDIM scheduler) saved with ``save_pretrained`` (safetensors),
+4. the ``CLIPTextModel``: either trained jointly with the UNet (``text_encoder.training: joint``; a frozen
+   *random* one cannot tell colours apart), or (``contrastive``) first CLIP-pretrained on other renders with
+   their true captions and then frozen, as SD1.5 keeps OpenAI's CLIP frozen. A jointly trained encoder
+   merges words that the captions use interchangeably (the miscaptioned base's partner colours), and
+   ``smpo train``, which keeps the text encoder frozen, then cannot teach the UNet to tell them apart;
+5. the ``UNet2DConditionModel`` (with the text encoder when joint), epsilon objective, captions dropped with
+   probability ``empty_prompt_prob`` for classifier-free guidance, AdamW with warm-up and cosine decay,
+   gradient clipping, EMA weights;
+6. a ``StableDiffusionPipeline`` (EMA weights, DDIM scheduler) saved with ``save_pretrained`` (safetensors),
    so it loads like any SD1.5 checkpoint.
 
 Design from ../shared/shapes-feasibility.md (25 CPU-minutes give clean single shapes, right colours, mostly
@@ -43,6 +48,9 @@ class PretrainResult:
     scaling_factor: float
     vae_mse: float
     final_loss: float
+    text_encoder: str = "joint"
+    text_encoder_loss: float | None = None
+    word_separation: dict[str, float] = field(default_factory=dict)
     parameters: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -178,10 +186,79 @@ class _Ema:
                 p.copy_(s)
 
 
+# words whose conditioning vectors a usable text encoder must keep apart: partner colours (what the miscaptioned
+# base confuses), two unrelated colours, and the relations
+SEPARATION_PAIRS = (
+    ("a red circle", "an orange circle"),
+    ("a blue square", "a purple square"),
+    ("a green triangle", "a yellow triangle"),
+    ("a red circle", "a blue circle"),
+    ("a red circle left of a blue square", "a red circle right of a blue square"),
+    ("a red circle above a blue square", "a red circle below a blue square"),
+)
+
+
+def word_separation(text_encoder, tokenizer) -> dict[str, float]:
+    """Relative distance ||e(a) - e(b)|| / ||e(a)|| of the UNet's conditioning (last hidden state) per pair."""
+    import torch
+
+    out = {}
+    with torch.inference_mode():
+        for a, b in SEPARATION_PAIRS:
+            ids = tokenizer([a, b], padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True,
+                            return_tensors="pt").input_ids  # fmt: skip
+            e = text_encoder(ids).last_hidden_state.float()
+            key = "/".join(w for w in a.split() if w not in b.split() and w not in ("a", "an"))
+            key += "/" + "/".join(w for w in b.split() if w not in a.split() and w not in ("a", "an"))
+            out[key] = round(float((e[0] - e[1]).norm() / e[0].norm()), 4)
+    return out
+
+
+def pretrain_text_encoder(text_encoder, tokenizer, recipe: ShapesPretrainRecipe, out: Path, progress) -> float:
+    """CLIP-pretrain (``shapes.reward_model.contrastive_pretrain``) and copy the text tower into ``text_encoder``.
+
+    The renders are their own (another seed) with true captions: the encoder never sees the UNet's captions,
+    as OpenAI's CLIP never saw SD's. The text weights are kept in ``text_encoder/`` so a rerun skips this.
+    """
+    import torch
+    from transformers import CLIPTextModel
+
+    from smpo_cli.shapes import reward_model as rm
+    from smpo_cli.shapes.world import make_dataset, split_captions
+    from smpo_cli.utils.atomic import atomic_path
+
+    cfg = recipe.text_encoder
+    key = recipe.model_dump(mode="json", include={"seed", "data", "model", "text_encoder"})
+    folder = out / "text_encoder"
+    marker = folder / "smpo_text_encoder.json"
+    if marker.is_file():
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+        if saved["key"] == key:
+            text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder).state_dict())
+            return saved["loss"]
+    clip = rm.build_reward_clip(
+        tokenizer, width=recipe.model.text_width, layers=cfg.vision_layers, text_layers=recipe.model.text_layers,
+        patch_size=cfg.patch_size, image_size=recipe.data.size, seed=recipe.seed + 40,
+    )  # fmt: skip
+    train_captions, _ = split_captions(recipe.data.split_seed)
+    renders = make_dataset(recipe.data.images, seed=recipe.seed + 41, size=recipe.data.size, pool=train_captions)
+    torch.manual_seed(recipe.seed + 42)
+    loss = rm.contrastive_pretrain(
+        clip, rm.TextBank(tokenizer), renders.images, renders.captions, steps=cfg.steps, batch_size=cfg.batch_size,
+        lr=cfg.lr, warmup=cfg.warmup_steps, seed=recipe.seed + 43, progress=progress,
+    )  # fmt: skip
+    # transformers 5 flattens CLIPTextModel (no .text_model); CLIPModel keeps its tower under text_model
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    with atomic_path(folder) as tmp:
+        text_encoder.save_pretrained(tmp, safe_serialization=True)
+        (tmp / marker.name).write_text(json.dumps({"key": key, "loss": loss}) + "\n", encoding="utf-8")
+    return loss
+
+
 def train_unet(
     unet, text_encoder, tokenizer, latents, captions, recipe: ShapesPretrainRecipe, progress
 ) -> float:
-    """Epsilon-objective training of UNet + text encoder; EMA weights are copied in at the end."""
+    """Epsilon-objective training of the UNet (+ the text encoder when joint); EMA weights are copied in at the end."""
     import torch
     from diffusers import DDPMScheduler
 
@@ -195,15 +272,18 @@ def train_unet(
     tokens = tokenizer(list(captions) + [""], padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True,
                        return_tensors="pt").input_ids  # fmt: skip
     empty = tokens[-1]
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    joint = recipe.text_encoder.training == "joint"
+    trained = [unet, text_encoder] if joint else [unet]
+    text_encoder.requires_grad_(joint)
+    params = [p for m in trained for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(cfg.warmup_steps, cfg.steps, cfg.final_lr_fraction)
     )
-    ema = _Ema([unet, text_encoder], cfg.ema_decay)
+    ema = _Ema(trained, cfg.ema_decay)
     scaling = recipe_scaling(latents)
     unet.train()
-    text_encoder.train()
+    text_encoder.train(joint)
     task = progress.add_task("shapes base: UNet", total=cfg.steps)
     recent: list[float] = []
     for _step in range(cfg.steps):
@@ -216,7 +296,8 @@ def train_unet(
         noise = torch.randn(z.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
-        hidden = text_encoder(ids).last_hidden_state
+        with torch.set_grad_enabled(joint):
+            hidden = text_encoder(ids).last_hidden_state
         loss = torch.nn.functional.mse_loss(unet(noisy, t, encoder_hidden_states=hidden).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -268,12 +349,16 @@ def run_pretrain(recipe: ShapesPretrainRecipe) -> PretrainResult:
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     parts = build_components(recipe, tokenizer)
     with make_progress() as progress:
+        text_loss = None
+        if recipe.text_encoder.training == "contrastive":
+            text_loss = pretrain_text_encoder(parts["text_encoder"], tokenizer, recipe, out, progress)
         vae_mse = train_vae(parts["vae"], images, recipe, progress)
         latents = encode_all(parts["vae"], images)
         scaling = recipe_scaling(latents)
         final_loss = train_unet(
             parts["unet"], parts["text_encoder"], tokenizer, latents, captions, recipe, progress
         )
+    separation = word_separation(parts["text_encoder"], tokenizer)
     parts["vae"].register_to_config(scaling_factor=scaling)
     scheduler = DDIMScheduler(**_scheduler_kwargs(), clip_sample=False, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
@@ -289,7 +374,9 @@ def run_pretrain(recipe: ShapesPretrainRecipe) -> PretrainResult:
     result = PretrainResult(
         output_dir=str(out), pipeline_dir=str(pipeline_dir), images=len(images), vae_steps=recipe.vae.steps,
         unet_steps=recipe.unet.steps, scaling_factor=round(scaling, 5), vae_mse=round(vae_mse, 5),
-        final_loss=round(final_loss, 5),
+        final_loss=round(final_loss, 5), text_encoder=recipe.text_encoder.training,
+        text_encoder_loss=None if text_loss is None else round(text_loss, 5),
+        word_separation=separation,
         parameters={k: sum(p.numel() for p in v.parameters()) for k, v in parts.items()},
         seconds=round(time.perf_counter() - started, 1),
     )  # fmt: skip

@@ -155,3 +155,24 @@ def _check_dest(dest: str | Path) -> Path:
     if dest.exists() and not dest.is_dir():
         raise OutputDirError(f"{dest} exists and is not a folder", hint="choose another destination")
     return dest
+
+
+def fuse_lora_pipeline(pretrained: str, lora: str | Path, dest: str | Path, **model: Any) -> Path:
+    """Write ``pretrained`` with the LoRA folder ``lora`` fused into its UNet as a full pipeline at ``dest``.
+
+    What ``smpo rounds`` hands the next round after a LoRA round: a plain checkpoint that every stage loads,
+    on which the next round trains a fresh adapter. ``model`` passes loader keys (vae, unet, config, ...).
+    Saved in float32, as a full fine-tune's trained UNet is: fusing in half precision would round the update away.
+    """
+    from smpo_cli.models.loading import load_components
+
+    comps = load_components(pretrained, dtype="float32", device="cpu", **model)
+    pipe = comps.pipeline()
+    pipe.load_lora_weights(str(lora))
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    dest = _check_dest(dest)
+    with atomic_path(dest) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+    logger.info("fused %s into %s at %s", lora, pretrained, dest)
+    return dest

@@ -59,6 +59,58 @@ def test_pretrain_is_deterministic(tmp_path):
     assert a.final_loss == b.final_loss
 
 
+def _tokenizer(run):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(run / "tokenizer")
+
+
+def test_contrastive_text_encoder_is_pretrained_then_frozen_and_reused(tmp_path, monkeypatch):
+    """text_encoder.training=contrastive: CLIP-pretrained once, kept in text_encoder/, exported unchanged."""
+    from safetensors.torch import load_file
+
+    from smpo_cli.shapes import base_model, reward_model
+
+    over = {"text_encoder": {"training": "contrastive", "steps": 3, "batch_size": 8, "warmup_steps": 1}}
+    run = tmp_path / "run"
+    result = run_pretrain(_recipe(run, export_dtype="float32", **over))
+    assert result.text_encoder == "contrastive" and math.isfinite(result.text_encoder_loss)
+    assert set(result.word_separation) >= {"red/orange", "blue/purple", "green/yellow", "left/right"}
+    cached = load_file(run / "text_encoder" / "model.safetensors")
+    exported = load_file(run / "pipeline" / "text_encoder" / "model.safetensors")
+    assert cached.keys() == exported.keys()
+    for name, tensor in cached.items():  # the UNet trained against exactly these, untouched
+        assert torch.equal(tensor, exported[name]), name
+    fresh = base_model.build_components(_recipe(run), _tokenizer(run))["text_encoder"]
+    assert not torch.equal(fresh.state_dict()["embeddings.token_embedding.weight"],
+                           cached["embeddings.token_embedding.weight"])  # fmt: skip  # it did train
+
+    def fail(*a, **k):
+        raise AssertionError("a rerun with the same settings must reuse text_encoder/")
+
+    monkeypatch.setattr(reward_model, "contrastive_pretrain", fail)
+    again = run_pretrain(_recipe(run, export_dtype="float32", **over))
+    assert again.text_encoder_loss == result.text_encoder_loss
+    monkeypatch.undo()
+    changed = run_pretrain(_recipe(run, export_dtype="float32", text_encoder={**over["text_encoder"], "lr": 1e-3}))
+    assert changed.text_encoder_loss != result.text_encoder_loss  # other settings: pretrained again
+
+
+def test_joint_text_encoder_trains_with_the_unet(tmp_path):
+    from safetensors.torch import load_file
+
+    from smpo_cli.shapes import base_model
+
+    run = tmp_path / "run"
+    result = run_pretrain(_recipe(run, export_dtype="float32"))
+    assert result.text_encoder == "joint" and result.text_encoder_loss is None
+    assert not (run / "text_encoder").exists()
+    exported = load_file(run / "pipeline" / "text_encoder" / "model.safetensors")
+    fresh = base_model.build_components(_recipe(run), _tokenizer(run))["text_encoder"]
+    assert not torch.equal(fresh.state_dict()["embeddings.token_embedding.weight"],
+                           exported["embeddings.token_embedding.weight"])  # fmt: skip
+
+
 def test_learning_rate_schedule_closed_form():
     f = _lr_lambda(warmup=4, total=14, floor=0.1)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
