@@ -400,7 +400,7 @@ class SamplingSpec(Block):
     height: PositiveInt | None = Field(None, description="null = the model's default size.")
     width: PositiveInt | None = Field(None)
     negative_prompt: str | None = Field(None)
-    batch_size: PositiveInt = Field(4, description="Images per forward pass (does not change any image).")
+    batch_size: PositiveInt = Field(4, description="Images per forward pass: the fixed batches a resume redraws whole (another size changes pixels by float rounding only).")
 
 
 class GenerateRecipe(Block):
@@ -480,7 +480,13 @@ class PairsRecipe(Block):
         "label, or mix with several.",
     )  # fmt: skip
     reward_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: float16 on CUDA.")
-    reward_batch_size: PositiveInt = Field(32, description="Images per reward forward pass.")
+    reward_batch_size: PositiveInt = Field(
+        32, description="Images per reward forward pass; also the scoring chunk (whole prompts), the unit of resumption."
+    )  # fmt: skip
+    pipeline: bool = Field(True, description="Score each chunk of images while the next ones are generated (false: generate all, then score).")
+    images: Literal["paths", "bytes"] = Field(
+        "paths", description="pairs.parquet's image_0/image_1: paths relative to the run folder | the PNG bytes (self-contained)."
+    )  # fmt: skip
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
     @model_validator(mode="after")

@@ -1,10 +1,11 @@
 """``run_generation(recipe)``: sample a prompt set, one deterministic seed per (prompt, sample index).
 
 Image k of prompt i is drawn from its own CPU generator seeded with (seed, i, k), so its noise does not
-depend on the batch size, the device count or which images already exist (pixels agree up to float
-rounding across batch sizes, exactly for identical settings); a rerun skips the files
-that are there (each written atomically) and a killed run continues. Under ``accelerate launch``
-process r takes prompts r, r+N, ... ``metadata.jsonl`` (flat layout) records, per image, its file,
+depend on the batch size, the device count or which images already exist. Batches are fixed slices of the
+whole (prompt, sample) grid, so an image is always computed in the same batch: a killed and resumed run (a
+batch with any image missing is drawn again whole), and a run under ``accelerate launch`` (process r takes
+batches r, r+N, ...), give the same pixels as one uninterrupted process; another batch_size changes pixels
+only by float rounding (at most one 8-bit level). Every file is written atomically. ``metadata.jsonl`` (flat layout) records, per image, its file,
 prompt, seed and the sampling settings; the GenEval layout writes the prompt's metadata line beside
 its samples, as GenEval's evaluator expects.
 """
@@ -81,22 +82,25 @@ def _metadata_lines(recipe: GenerateRecipe, prompts: list[PromptRecord]) -> list
 
 def run_generation(recipe: GenerateRecipe) -> GenerateResult:
     import torch
-    from accelerate import PartialState
 
     from smpo_cli.models import load_components
+    from smpo_cli.utils.distributed import partial_state
     from smpo_cli.utils.progress import make_progress
     from smpo_cli.utils.shards import ShardStore
 
     started = time.perf_counter()
-    state = PartialState()
+    state = partial_state()
     prompts = load_prompts(recipe.prompts.path, column=recipe.prompts.column, limit=recipe.prompts.limit)
     store = ShardStore(Path(recipe.output_dir), "images", ".png", sidecar_dir=".smpo")
     if state.is_main_process:
         store.write_fingerprint(fingerprint(recipe))
     s = recipe.sampling
-    mine = [p for p in prompts if p.index % state.num_processes == state.process_index]
-    jobs = [(p, k) for p in mine for k in range(s.images_per_prompt) if not image_path(recipe, p.index, k).exists()]
-    existing = len(mine) * s.images_per_prompt - len(jobs)
+    grid = [(p, k) for p in prompts for k in range(s.images_per_prompt)]
+    batches = [grid[i : i + s.batch_size] for i in range(0, len(grid), s.batch_size)]
+    mine = [b for i, b in enumerate(batches) if i % state.num_processes == state.process_index]
+    todo = [b for b in mine if not all(image_path(recipe, p.index, k).exists() for p, k in b)]
+    jobs = [job for b in todo for job in b]
+    existing = sum(len(b) for b in mine) - len(jobs)
     generated = 0
     gen_seconds = 0.0
     if jobs:
@@ -114,8 +118,7 @@ def run_generation(recipe: GenerateRecipe) -> GenerateResult:
         t0 = time.perf_counter()
         with make_progress() as progress:
             task = progress.add_task("generate", total=len(jobs))
-            for start in range(0, len(jobs), s.batch_size):
-                batch = jobs[start : start + s.batch_size]
+            for batch in todo:
                 generators = [torch.Generator("cpu").manual_seed(image_seed(recipe.seed, p.index, k)) for p, k in batch]
                 kwargs = {"negative_prompt": [s.negative_prompt] * len(batch)} if s.negative_prompt else {}
                 images = pipe(prompt=[p.prompt for p, _ in batch], generator=generators,

@@ -351,14 +351,14 @@ def _pairs_shard(
 
 def run_inversion(recipe: InvertRecipe) -> InvertResult:
     """Invert ``recipe.data`` (images or pairs) with ``recipe.model``; see the module docstring."""
-    from accelerate import PartialState
     from rich.progress import TextColumn
 
     from smpo_cli.models import load_components
+    from smpo_cli.utils.distributed import partial_state
     from smpo_cli.utils.progress import make_progress
 
     started = time.perf_counter()
-    state = PartialState()
+    state = partial_state()
     source = open_source(recipe.data.path, recipe.data.split)
     layout = _layout(recipe, source)
     cols, prompt_col = _columns(recipe, source, layout)

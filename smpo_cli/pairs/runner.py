@@ -21,6 +21,7 @@ import numpy as np
 
 from smpo_cli.config.schema import PairsRecipe, PairsRewardSpec
 from smpo_cli.errors import DataError
+from smpo_cli.utils.distributed import barrier, is_main_process, world_size
 from smpo_cli.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -43,15 +44,37 @@ class PairsResult:
         return asdict(self)
 
 
-def _generate(recipe: PairsRecipe, out: Path) -> Path:
-    from smpo_cli.generation.runner import resume_ok, run_generation
-    from smpo_cli.runs import execute_nested
+def _generate_recipe(recipe: PairsRecipe, out: Path):
+    from smpo_cli.config.loader import validate
 
     data = {"stage": "generate", "seed": recipe.seed, "device": recipe.device, "output_dir": str(out / "samples"),
             "model": recipe.model.model_dump(mode="json"), "prompts": recipe.prompts.model_dump(mode="json"),
             "sampling": recipe.sampling.model_dump(mode="json"), "logging": recipe.logging.model_dump(mode="json")}  # fmt: skip
-    execute_nested("generate", data, run_generation, resume_ok, caller="smpo pairs")
+    return validate(data, "generate", source="(smpo pairs: generate)")
+
+
+def _generate(recipe: PairsRecipe, out: Path) -> Path:
+    from smpo_cli.config import LoadedRecipe
+    from smpo_cli.generation.runner import resume_ok, run_generation
+    from smpo_cli.runs import execute
+
+    execute("generate", LoadedRecipe(_generate_recipe(recipe, out), "(smpo pairs: generate)"), run_generation,
+            resume=resume_ok)  # fmt: skip
     return out / "samples"
+
+
+def _scorer(recipe: PairsRecipe, out: Path):
+    """The chunk scorer of this process over the images generation will write (its prompts, its file names)."""
+    from smpo_cli.generation.prompts import load_prompts
+    from smpo_cli.generation.runner import image_path
+    from smpo_cli.pairs.scorer import ChunkScorer
+    from smpo_cli.utils.logging import process_rank
+
+    gen = _generate_recipe(recipe, out)
+    n = recipe.sampling.images_per_prompt
+    prompts = load_prompts(recipe.prompts.path, column=recipe.prompts.column, limit=recipe.prompts.limit)
+    files = [image_path(gen, rec.index, k) for rec in prompts for k in range(n)]
+    return ChunkScorer(recipe, out, files, [rec.prompt for rec in prompts], n, rank=process_rank(), world=world_size())
 
 
 def read_samples(folder: Path, per_prompt: int) -> tuple[list[str], list[str]]:
@@ -65,45 +88,6 @@ def read_samples(folder: Path, per_prompt: int) -> tuple[list[str], list[str]]:
                         f"sample {missing[0][1]})", hint="rerun smpo pairs: generation resumes")  # fmt: skip
     files = [grid[(i, k)]["file"] for i in range(n_prompts) for k in range(per_prompt)]
     return files, [grid[(i, 0)]["prompt"] for i in range(n_prompts)]
-
-
-def _score(spec: PairsRewardSpec, recipe: PairsRecipe, images: list[Path], prompts: list[str], cache: Path):
-    """Raw scores of every image, and the reward's metadata, output and known range; cached per reward."""
-    import torch
-    from PIL import Image
-
-    from smpo_cli.rewards import load_reward
-    from smpo_cli.scoring.runner import choose_output
-    from smpo_cli.utils.atomic import write_json
-    from smpo_cli.utils.devices import resolve_device
-
-    device = resolve_device(recipe.device)
-    dtype = recipe.reward_dtype if recipe.reward_dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
-    key = {"reward": spec.model_dump(mode="json", exclude={"weight", "label", "quantiles", "r_min", "r_max"}),
-           "images": len(images), "dtype": dtype}  # fmt: skip
-    if cache.is_file():
-        saved = json.loads(cache.read_text(encoding="utf-8"))
-        if saved.get("key") == key:
-            return np.array(saved["scores"], dtype=np.float64), saved["metadata"], saved["output"], saved["known_range"]
-    path = spec.path
-    if path == "tiny":
-        from smpo_cli.rewards.tiny import tiny_reward_path
-
-        path = str(tiny_reward_path(spec.name, build=True))
-    reward = load_reward(spec.name, path, device=str(device), dtype=dtype, batch_size=recipe.reward_batch_size,
-                         **spec.options)  # fmt: skip
-    output = choose_output(spec.output, reward, f"rewards[{spec.prefix}].output")
-    scores = []
-    batch = recipe.reward_batch_size
-    with torch.inference_mode():
-        for s in range(0, len(images), batch):
-            pil = [Image.open(p).convert("RGB") for p in images[s : s + batch]]
-            scores.append(reward.score(pil, prompts[s : s + batch])[output].numpy())
-    values = np.concatenate(scores).astype(np.float64)
-    known = reward.known_range(output)
-    write_json(cache, {"key": key, "scores": values.tolist(), "metadata": reward.metadata, "output": output,
-                       "known_range": list(known) if known else None})  # fmt: skip
-    return values, reward.metadata, output, list(known) if known else None
 
 
 def _range(spec: PairsRewardSpec, output: str, known, scores: np.ndarray) -> dict[str, Any]:
@@ -134,21 +118,33 @@ def run_pairs(recipe: PairsRecipe) -> PairsResult:
     started = time.perf_counter()
     out = Path(recipe.output_dir)
     n = recipe.sampling.images_per_prompt
-    _store(recipe).write_fingerprint(fingerprint(recipe))
-    samples = _generate(recipe, out)
+    scorer = _scorer(recipe, out)
+    if is_main_process():
+        _store(recipe).write_fingerprint(fingerprint(recipe))
+        scorer.prepare()
+    barrier()
+    if recipe.pipeline:  # score each chunk of images while the next ones are generated
+        with scorer.in_background():
+            samples = _generate(recipe, out)
+    else:
+        samples = _generate(recipe, out)
+    scorer.finish()
+    barrier()  # every process's chunks are on disk
+    if not is_main_process():
+        barrier()  # the main process writes the pairs
+        return PairsResult(**json.loads((out / "summary.json").read_text(encoding="utf-8")))
     files, prompts = read_samples(samples, n)
-    image_paths = [samples / f for f in files]
     per_image_prompts = [p for p in prompts for _ in range(n)]
     normalised, columns, rewards_info = [], {}, []
     weights = np.array([r.weight for r in recipe.rewards])
     raw_by_label = {}
-    for spec in recipe.rewards:
-        raw, meta, output, known = _score(spec, recipe, image_paths, per_image_prompts, out / "scores" / f"{spec.prefix}.json")
-        rng_info = _range(spec, output, known, raw)
+    for spec, scored in zip(recipe.rewards, scorer.collect().values(), strict=True):
+        raw, output = scored.values, scored.output
+        rng_info = _range(spec, output, scored.known_range, raw)
         normalised.append(pairing.normalise(raw, rng_info["r_min"], rng_info["r_max"]).reshape(len(prompts), n))
         raw_by_label[spec.prefix] = (raw.reshape(len(prompts), n), output)
         rewards_info.append({"label": spec.prefix, "name": spec.name, "output": output, "weight": spec.weight,
-                             "normalization": rng_info, "reward": meta})  # fmt: skip
+                             "normalization": rng_info, "reward": scored.metadata})  # fmt: skip
     utility = sum(w * r for w, r in zip(weights, normalised, strict=True)) / weights.sum()
     chosen = pairing.choose_pairs(utility, recipe.pairing.strategy, k=recipe.pairing.k,
                                   pairs_per_prompt=recipe.pairing.pairs_per_prompt,
@@ -159,7 +155,10 @@ def run_pairs(recipe: PairsRecipe) -> PairsResult:
     pi, a, b = chosen.T
     p0s = np.stack([pairing.model_p0(r[pi, a], r[pi, b]) for r in normalised])
     p0, winner, p = pairing.mixture(p0s, weights)
-    rel = lambda i, k: str((samples / files[i * n + k]).relative_to(out))  # noqa: E731 (paths relative to the run folder)
+    if recipe.images == "bytes":  # the encoded PNG in the table: the folder's samples/ are then not needed
+        rel = lambda i, k: (samples / files[i * n + k]).read_bytes()  # noqa: E731
+    else:  # paths relative to the run folder, so the folder can move
+        rel = lambda i, k: str((samples / files[i * n + k]).relative_to(out))  # noqa: E731
     columns["image_0"] = [rel(i, k) for i, k in zip(pi, a, strict=True)]
     columns["image_1"] = [rel(i, k) for i, k in zip(pi, b, strict=True)]
     columns["prompt"] = [prompts[i] for i in pi]
@@ -192,6 +191,7 @@ def run_pairs(recipe: PairsRecipe) -> PairsResult:
                          images=len(files), pairs=int(len(chosen)), rewards=rewards_info, summary=summary,
                          seconds=round(time.perf_counter() - started, 1))  # fmt: skip
     write_json(out / "summary.json", result.to_dict())
+    barrier()  # the other processes read summary.json
     return result
 
 

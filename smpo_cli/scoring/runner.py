@@ -292,14 +292,14 @@ def _finalise(store: ShardStore, shards: list[Shard], cols: Columns, reward_meta
 # ----------------------------------------------------------------------------- entry point
 def run_scoring(recipe: ScoreRecipe) -> ScoreResult:
     """Score ``recipe.data`` with ``recipe.reward``; write shards, skipped.jsonl and summary.json."""
-    from accelerate import PartialState
     from rich.progress import TextColumn
 
     from smpo_cli.rewards import load_reward
+    from smpo_cli.utils.distributed import partial_state
     from smpo_cli.utils.progress import make_progress
 
     started = time.perf_counter()
-    state = PartialState()
+    state = partial_state()
     out_dir = Path(recipe.output_dir)
     source = open_source(recipe.data.path, recipe.data.split)
     d = recipe.data
