@@ -736,7 +736,10 @@ class ShapesPretrainRecipe(Block):
 class ShapesPairsSpec(Block):
     """Preference pairs sampled from the base model on training captions, labelled by simulated annotators."""
 
-    count: PositiveInt = Field(1024, description="Pairs (two samples of one caption each).")
+    count: PositiveInt = Field(1024, description="Pairs (one per training caption).")
+    images_per_caption: int = Field(
+        2, ge=2, description="Samples per caption (smpo pairs); the pair is the judge's best and worst of them."
+    )  # fmt: skip
     num_inference_steps: PositiveInt = Field(20, description="DDIM steps when sampling pairs and evaluation images.")
     guidance_scale: float = Field(4.0, ge=0, description="Classifier-free guidance when sampling.")
     reward_noise_std: float = Field(0.0, ge=0, description="Gaussian noise on the judge's score used as the smoothing reward.")

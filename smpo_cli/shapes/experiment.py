@@ -2,8 +2,8 @@
 
 Every step is a real smpo stage on the real on-disk formats:
 
-1. **pairs**: ``smpo generate`` samples two images for each of ``pairs.count`` training captions from the
-   base model; the judge reads them; the annotator population labels them. ``pairs/pairs.jsonl`` holds,
+1. **pairs**: ``smpo pairs`` samples ``pairs.images_per_caption`` images for each of ``pairs.count`` training
+   captions from the base model and keeps the judge's best and worst; the annotator population labels them. ``pairs/pairs.jsonl`` holds,
    per pair, the human label (one sampled annotator's vote), the population's true preference, and two
    "scored" views that ``smpo train`` reads: ``human_winner`` (with p = 1) and ``judge_winner`` /
    ``judge_p`` (p = softmax of the judge's scores, already on [0, 1], so min-max normalisation is the
@@ -115,7 +115,16 @@ def read_images(folder: Path, n_prompts: int, per_prompt: int) -> np.ndarray:
 
 
 def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
-    """Sample, judge and label the pairs; write ``pairs.jsonl`` (the scored dataset every arm trains on)."""
+    """Sample, judge and label the pairs through ``smpo pairs``; write ``pairs.jsonl`` (what every arm trains on).
+
+    ``smpo pairs`` samples ``images_per_caption`` images per caption from the base model, scores them with the
+    shapes judge and keeps each caption's best and worst (with two images: the pair); the annotator population
+    then votes on each pair, as Pick-a-Pic's users voted on theirs.
+    """
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from smpo_cli.pairs.runner import resume_ok, run_pairs
     from smpo_cli.shapes.annotators import DEFAULT_POPULATION
     from smpo_cli.shapes.judge import judge_batch
     from smpo_cli.shapes.world import sample_captions, split_captions
@@ -127,8 +136,19 @@ def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     prompts = folder / "captions.txt"
     write_text(prompts, "".join(c.text + "\n" for c in captions))
-    _generate(recipe, recipe.model, prompts, folder / "samples", 2, recipe.seed)
-    images = read_images(folder / "samples", len(captions), 2)
+    p = recipe.pairs
+    data = {"stage": "pairs", "seed": recipe.seed, "device": recipe.device, "output_dir": str(folder / "sampled"),
+            "model": {"pretrained": recipe.model, "dtype": "float32"}, "prompts": {"path": str(prompts)},
+            "sampling": {"images_per_prompt": p.images_per_caption, "num_inference_steps": p.num_inference_steps,
+                         "guidance_scale": p.guidance_scale, "batch_size": p.batch_size},
+            "rewards": [{"name": "shapes-judge", "label": "judge"}], "pairing": {"strategy": "best_worst"},
+            "reward_batch_size": p.batch_size, "logging": {"progress": recipe.logging.progress}}  # fmt: skip
+    _execute("pairs", data, run_pairs, resume_ok)
+    table = pq.read_table(folder / "sampled" / "pairs.parquet").to_pylist()
+    if len(table) != len(captions):
+        raise RuntimeError(f"smpo pairs made {len(table)} pairs for {len(captions)} captions")
+    files = [[folder / "sampled" / r["image_0"], folder / "sampled" / r["image_1"]] for r in table]
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for pair in files for f in pair])
     verdicts = judge_batch(images, [c for c in captions for _ in range(2)])
     va, vb = verdicts[0::2], verdicts[1::2]
     labels = DEFAULT_POPULATION.label_pairs(rng, va, vb, recipe.pairs.reward_noise_std)
@@ -139,12 +159,12 @@ def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
         judge_winner = 0 if r0 >= r1 else 1
         rw, rl = (r0, r1) if judge_winner == 0 else (r1, r0)
         rows.append({
-            "image_0": str((folder / "samples" / "images" / f"{i:05d}_00.png").resolve()),
-            "image_1": str((folder / "samples" / "images" / f"{i:05d}_01.png").resolve()),
+            "image_0": str(files[i][0].resolve()), "image_1": str(files[i][1].resolve()),
             "prompt": c.text, "skill": c.skill, "label": float(labels.labels[i]),
             "true_p0": float(labels.true_preference[i]), "annotator": DEFAULT_POPULATION.annotators[labels.annotator[i]].name,
             "human_winner": human_winner, "human_p": 1.0,
             "judge_score_0": r0, "judge_score_1": r1, "judge_winner": judge_winner,
+            # SmPO's p: the softmax of the two scores, already on [0, 1] (min-max normalisation is the identity)
             "judge_p": float(1.0 / (1.0 + math.exp(-(rw - rl)))),
             "correct_0": bool(va[i].correct), "correct_1": bool(vb[i].correct), "smpo_row": i,
         })  # fmt: skip

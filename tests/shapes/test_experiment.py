@@ -75,3 +75,23 @@ def test_experiment_runs_every_arm_and_reports(tmp_path, capsys, tiny_base):
     # ... but not runs made with another budget
     assert run([*args[:-1], "train.steps=3"]) == 2
     assert "other settings (train.steps)" in capsys.readouterr().err
+
+
+def test_experiment_pairs_come_from_smpo_pairs_best_and_worst_of_n(tmp_path, tiny_base):
+    """pairs.images_per_caption=4: smpo pairs samples 4 per caption and the pair is the judge's best and worst."""
+    from smpo_cli.config.schema import ShapesBenchRecipe
+    from smpo_cli.shapes.experiment import make_pairs
+
+    recipe = ShapesBenchRecipe.model_validate({
+        "output_dir": str(tmp_path), "model": tiny_base, "device": "cpu",
+        "pairs": {"count": 6, "images_per_caption": 4, "num_inference_steps": 2, "batch_size": 8},
+        "logging": {"progress": False}})  # fmt: skip
+    stats = make_pairs(recipe, tmp_path)
+    assert stats["pairs"] == 6
+    scores = {json.loads(x)["file"]: json.loads(x)["judge"]
+              for x in (tmp_path / "pairs" / "sampled" / "image_scores.jsonl").read_text().splitlines()}  # fmt: skip
+    for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        mine = [v for f, v in scores.items() if f.startswith(f"samples/images/{row['image_0'].split('/')[-1][:5]}_")]
+        assert len(mine) == 4
+        assert sorted((row["judge_score_0"], row["judge_score_1"])) == pytest.approx([min(mine), max(mine)], abs=1e-6)
