@@ -134,8 +134,12 @@ def plan_lines(recipe: BaseModel) -> list[tuple[str, str]]:
     if data.stage == "shapes_pretrain":
         # step costs measured on 2 CPU cores at batch 64 (shapes-feasibility): VAE ~0.33 s, UNet ~0.31 s
         minutes = (data.vae.steps * 0.33 * data.vae.batch_size / 64 + data.unet.steps * 0.31 * data.unet.batch_size / 64) / 60
-        lines.append(("ok", f"{data.data.images} scenes of {data.data.size}px; VAE {data.vae.steps} steps, UNet + text encoder "
+        te = data.text_encoder
+        what = "UNet + text encoder" if te.training == "joint" else "UNet (text encoder frozen)"
+        lines.append(("ok", f"{data.data.images} scenes of {data.data.size}px; VAE {data.vae.steps} steps, {what} "
                             f"{data.unet.steps} steps: about {minutes:.0f} min on 2 CPU cores"))  # fmt: skip
+        if te.training == "contrastive":
+            lines.append(("ok", f"text encoder: CLIP-pretrained {te.steps} steps x {te.batch_size} on true captions, then frozen"))
     if data.stage == "pairs":
         level, what = describe_local_input(data.prompts.path)
         lines.append((level, f"prompts.path = {data.prompts.path}: {what}"))
