@@ -10,7 +10,8 @@ import traceback
 from rich.console import Console
 from rich.logging import RichHandler
 
-out = Console(soft_wrap=True, highlight=False)  # results: resolved recipes, tables, JSON
+# results: resolved recipes, tables, JSON; written to a file or pipe, tables get room instead of 80 columns
+out = Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True, highlight=False)  # everything else
 
 

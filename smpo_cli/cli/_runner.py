@@ -34,8 +34,15 @@ def run_stage(
     """Run one stage; ``core`` is imported lazily by the caller so --help never loads torch."""
     from smpo_cli.config import dump_recipe, load_recipe
     from smpo_cli.config.plan import plan_lines
+    from smpo_cli.errors import RecipeError
 
-    loaded = load_recipe(recipe, stage, overrides, sugar)
+    try:
+        loaded = load_recipe(recipe, stage, overrides, sugar)
+    except RecipeError as exc:
+        if recipe is None and any(p.endswith(MISSING) for p in exc.problems) and exc.hint is None:
+            exc.hint = "no --recipe given: `smpo recipe ls` lists the bundled ones"
+        exc.problems = [_with_flag(p) for p in exc.problems]
+        raise
     for note in loaded.warnings:
         err.print(f"[yellow]warning:[/] {note}", markup=True)
     if dry_run:
@@ -47,6 +54,29 @@ def run_stage(
 
     result = execute(stage, loaded, core, overwrite=overwrite, resume=resume)
     return result if is_main_process() else None  # under accelerate the main process reports
+
+
+MISSING = "required key is missing"
+
+
+def _with_flag(problem: str) -> str:
+    """``prompts: required key is missing`` -> ``...; set it with --prompts/-p (sets prompts.path)``.
+
+    The flags come from the running command's options whose help says ``(sets KEY)``."""
+    import re
+
+    from typer._click.globals import get_current_context  # typer 0.29 vendors click
+
+    key, _, what = problem.partition(": ")
+    ctx = get_current_context(silent=True)
+    if what != MISSING or ctx is None:
+        return problem
+    flags = []
+    for param in ctx.command.params:
+        found = re.search(r"\(sets ([\w.]+)", getattr(param, "help", None) or "")
+        if found and found.group(1) in (key, f"{key}.path", f"{key}.pretrained", f"{key}.name"):
+            flags.append(f"{'/'.join(param.opts)} (sets {found.group(1)})")
+    return f"{problem}; set it with {' or '.join(flags)}" if flags else problem
 
 
 def printed_as_json(result: Any, as_json: bool) -> bool:

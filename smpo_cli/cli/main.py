@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from smpo_cli import __version__
+from smpo_cli.cli import _help
 from smpo_cli.cli import bench as bench_cmd
 from smpo_cli.cli import env as env_cmd
 from smpo_cli.cli import generate as generate_cmd
@@ -27,6 +28,8 @@ from smpo_cli.cli import shapes as shapes_cmd
 from smpo_cli.cli import train as train_cmd
 from smpo_cli.cli._console import debug_enabled, err, print_error, print_traceback, setup_logging
 from smpo_cli.errors import SmpoError
+
+_help.install()
 
 app = typer.Typer(
     name="smpo",
@@ -95,9 +98,56 @@ def _usage_exception(exc: BaseException) -> bool:
     return isinstance(getattr(exc, "exit_code", None), int) and callable(getattr(exc, "show", None))
 
 
+GLOBAL_FLAGS = ("-q", "--quiet", "-v", "-vv", "-vvv", "--verbose")
+
+
+def _leaf_command(argv: list[str]):
+    """(the command argv names, index of the token after its name) by walking the command groups."""
+    from typer import _click  # typer 0.29 vendors click; its groups are not click.Group
+
+    cmd = typer.main.get_command(app)
+    i = 0
+    while hasattr(cmd, "list_commands") and i < len(argv):
+        token = argv[i]
+        i += 1
+        if token.startswith("-"):
+            continue
+        sub = cmd.get_command(_click.Context(cmd), token)
+        if sub is None:
+            return None, i
+        cmd = sub
+    return cmd, i
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """``-q``/``-v`` may follow the subcommand (moved before it unless the command has its own), and
+    ``--a.b=value`` gets the override spelling it meant instead of Click's "No such option"."""
+    from smpo_cli.errors import UsageError
+
+    cmd, start = _leaf_command(argv)
+    if cmd is None:
+        return argv
+    own = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+    head, tail, moved = list(argv[:start]), [], []
+    for j, token in enumerate(argv[start:]):
+        if token == "--":
+            tail.extend(argv[start + j :])
+            break
+        if token.startswith("--") and "." in token.split("=", 1)[0] and token not in own:
+            spelled = token[2:] if "=" in token else f"{token[2:]}=VALUE"
+            raise UsageError(f"no such option {token}: recipe overrides are written without dashes",
+                             hint=f"did you mean {spelled}")  # fmt: skip
+        if token in GLOBAL_FLAGS and token not in own:
+            moved.append(token)
+        else:
+            tail.append(token)
+    return moved + head + tail
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (``main`` exits with it; tests call this)."""
     try:
+        argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
         rv = app(args=argv, prog_name="smpo", standalone_mode=False)
         if rv == 130:  # typer turns Ctrl-C inside a command into Exit(130), silently
             err.print("interrupted", style="yellow")
@@ -115,9 +165,11 @@ def run(argv: list[str] | None = None) -> int:
         if debug_enabled():
             print_traceback()
         problems = getattr(exc, "problems", [])
-        print_error(exc.message, exc.hint, debug_tip=exc.exit_code == 1)
+        print_error(exc.message, None if problems else exc.hint, debug_tip=exc.exit_code == 1)
         for problem in problems:
             err.print(f"  {problem}", highlight=False, markup=False)
+        if problems and exc.hint:  # the hint after the problems it is about
+            err.print(f"[yellow]hint:[/] {exc.hint}", markup=True, highlight=False)
         return exc.exit_code
     except Exception as exc:
         if _usage_exception(exc):

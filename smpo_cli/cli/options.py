@@ -18,7 +18,7 @@ RecipeOpt = Annotated[
 OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(
-        metavar="[KEY=VALUE]...",
+        metavar="KEY=VALUE",
         help="Recipe overrides: a.b=value (YAML-typed), a.b=null, ~a.b (back to the default).",
         show_default=False,
     ),

@@ -14,7 +14,7 @@ from smpo_cli.cli.main import app, run
 from smpo_cli.errors import AssetNotFoundError
 
 runner = CliRunner()
-COMMANDS = [[], ["env"], ["selftest"], ["quickstart"], ["score"], ["invert"], ["train"], ["generate"], ["bench"], ["bench", "rewards"], ["bench", "geneval"], ["bench", "shapes"], ["shapes"], ["shapes", "pretrain"], ["shapes", "run"], ["recipe"], ["recipe", "ls"], ["recipe", "show"], ["recipe", "validate"], ["recipe", "cp"]]
+COMMANDS = [[], ["env"], ["selftest"], ["quickstart"], ["score"], ["pairs"], ["rounds"], ["invert"], ["train"], ["generate"], ["bench"], ["bench", "rewards"], ["bench", "geneval"], ["bench", "shapes"], ["shapes"], ["shapes", "pretrain"], ["shapes", "run"], ["recipe"], ["recipe", "ls"], ["recipe", "show"], ["recipe", "validate"], ["recipe", "cp"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "smpo")
@@ -22,6 +22,56 @@ def test_help_exits_zero_with_examples(cmd):
     result = runner.invoke(app, [*cmd, "--help"])
     assert result.exit_code == 0, result.output
     assert "Example" in result.output
+
+
+@pytest.mark.parametrize("cmd", [["train"], ["recipe", "cp"], ["generate"], ["rounds"]], ids=" ".join)
+def test_help_names_parameters_in_upper_case_and_shows_no_python_types(cmd):
+    import re
+
+    result = runner.invoke(app, [*cmd, "--help"], env={"COLUMNS": "200"})
+    text = result.output
+    assert not re.search(r"<(bool|str|int|path|list\[str\])>", text), text
+    usage = next(line for line in text.splitlines() if "Usage:" in line)
+    assert "{" not in usage and "[[" not in usage and "]..." * 2 not in usage, usage
+    if cmd == ["recipe", "cp"]:
+        assert usage.strip().endswith("NAME DEST")
+    if cmd == ["train"]:
+        assert usage.strip().endswith("[KEY=VALUE]...") and "--recipe  -r      RECIPE" in text
+        lines = text.splitlines()
+        first = next(i for i, line in enumerate(lines) if "Reads a scored dataset" in line)
+        paragraph = lines[first : next(i for i in range(first, len(lines)) if not lines[i].strip())]
+        assert len(paragraph) <= 2, paragraph  # rewrapped to the width, not broken at the docstring's 4 line ends
+
+
+def test_dashed_override_gets_the_spelling_it_meant(capsys):
+    assert run(["train", "--recipe", "tiny_smpo_cpu", "--train.max_steps=3", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean train.max_steps=3" in err and "No such option" not in err
+
+
+def test_quiet_and_verbose_work_after_the_subcommand(capsys):
+    from smpo_cli.cli.main import normalise_argv
+
+    assert normalise_argv(["train", "--dry-run", "-q", "x=1"]) == ["-q", "train", "--dry-run", "x=1"]
+    assert normalise_argv(["shapes", "pretrain", "-v"]) == ["-v", "shapes", "pretrain"]
+    assert normalise_argv(["recipe", "validate", "a.yaml", "-q"]) == ["recipe", "validate", "a.yaml", "-q"]  # its own -q
+    assert run(["train", "--recipe", "tiny_smpo_cpu", "--dry-run", "-q", "train.max_steps=3"]) == 0
+    assert "max_steps: 3" in capsys.readouterr().out
+
+
+def test_a_missing_key_names_the_flag_that_sets_it(capsys):
+    assert run(["generate", "-o", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "prompts: required key is missing; set it with --prompts/-p (sets prompts.path)" in err
+    assert "model: required key is missing; set it with --model/-m (sets model.pretrained)" in err
+    assert "no --recipe given" in err
+
+
+def test_tables_written_to_a_pipe_are_not_truncated():
+    done = subprocess.run([sys.executable, "-m", "smpo_cli", "recipe", "ls"], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert "…" not in done.stdout and "..." not in done.stdout
+    assert any("so training skips inversion." in line for line in done.stdout.splitlines())
 
 
 def test_version(capsys):
