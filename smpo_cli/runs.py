@@ -26,7 +26,12 @@ def execute(
     main = is_main_process()
     rundir = RunDir(loaded.recipe.output_dir)
     if main:
-        rundir.prepare(overwrite=overwrite, resume=not overwrite and resume(loaded.recipe))
+        if rundir.holds_no_results():  # a run that failed on bad input: the corrected rerun starts afresh here
+            rundir.clear()
+        resuming = not overwrite and resume(loaded.recipe)
+        rundir.prepare(overwrite=overwrite, resume=resuming)
+        if resuming:
+            rundir.remove_temporaries()
         rundir.write_recipe(dump_recipe(loaded.recipe))
         rundir.start(stage=stage, recipe_source=loaded.source)
     barrier()

@@ -86,6 +86,8 @@ def load_prompts(path_str: str, *, fmt: str = "auto", column: str | None = None,
                                       "HPDv2 benchmark/*.json) and point prompts.path at it")  # fmt: skip
     items = _read(path, fmt, column)
     records = _records(items, path)
+    if not records:
+        raise DataError(f"prompts.path {path} holds no prompts", hint="check the file (one prompt per line for .txt)")
     return records[:limit] if limit else records
 
 

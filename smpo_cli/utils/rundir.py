@@ -19,6 +19,7 @@ from smpo_cli.utils.atomic import write_json, write_text
 from smpo_cli.utils.envinfo import device_info, git_sha, now, package_versions
 
 MANIFEST = "run.json"
+SIDECAR = ".smpo"  # settings fingerprints (utils.shards)
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 def is_empty_dir(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
@@ -95,6 +96,37 @@ class RunDir:
             manifest["result"] = result
         write_json(self.path / MANIFEST, manifest)
 
+    def holds_no_results(self) -> bool:
+        """An unfinished smpo run folder with nothing in it but its records (run.json, the resolved recipe, the
+        settings sidecar, temporaries): what a run that failed on bad input, or was killed at once, leaves.
+        Reusing it cannot lose work, so a corrected rerun needs neither --overwrite nor a new folder."""
+        path = self.path
+        if not (path / MANIFEST).is_file() or (self.read_manifest() or {}).get("status") == "success":
+            return False
+        for item in path.rglob("*"):
+            rel = item.relative_to(path)
+            records = rel.parts[0] == SIDECAR or item.name == "fingerprint.json" or str(rel) in (MANIFEST, RESOLVED_RECIPE)
+            if item.is_dir() or records or _temporary(item):
+                continue
+            return False
+        return True
+
+    def clear(self) -> None:
+        shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+
+    def remove_temporaries(self) -> int:
+        """Delete what killed atomic writes left (``.name.*.tmp`` files and folders, ``.name.old`` folders)."""
+        found = [p for p in self.path.rglob(".*") if _temporary(p)]
+        for item in sorted(found, key=lambda p: len(p.parts)):
+            if not item.exists():
+                continue  # inside a temporary folder removed already
+            if item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
+        return len(found)
+
     def read_manifest(self) -> dict[str, Any] | None:
         import json
 
@@ -102,3 +134,8 @@ class RunDir:
             return json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+
+
+def _temporary(path: Path) -> bool:
+    """A temporary of ``utils.atomic.atomic_path``: ``.<name>.<random><suffix>.tmp`` or ``.<name>.old``."""
+    return path.name.startswith(".") and (path.name.endswith(".tmp") or path.name.endswith(".old"))

@@ -73,3 +73,46 @@ def test_atomic_folder_replace(tmp_path):
             (tmp / "v").write_text(version)
     assert (dest / "v").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_a_run_that_failed_on_bad_input_does_not_block_the_corrected_rerun(tmp_path, capsys):
+    from smpo_cli.cli.main import run
+
+    out = tmp_path / "gen"
+    args = ["-q", "generate", "-o", str(out), "--model", "tiny-sd15", "sampling.num_inference_steps=1",
+            "sampling.height=32", "sampling.width=32"]  # fmt: skip
+    assert run([*args, "--prompts", str(tmp_path / "missing.txt")]) != 0  # bad input: nothing made
+    assert (out / "run.json").is_file()
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    assert run([*args, "--prompts", str(tmp_path / "p.txt")]) == 0  # same folder, no --overwrite
+    assert len(list((out / "images").glob("*.png"))) == 1
+
+
+def test_a_folder_with_results_still_needs_overwrite_and_temporaries_go_on_resume(tmp_path):
+    from smpo_cli.utils.rundir import RunDir
+
+    rd = RunDir(tmp_path / "r")
+    rd.prepare()
+    rd.start(stage="x", recipe_source="test")
+    rd.finish("failed", error="boom")
+    assert rd.holds_no_results()
+    (rd.path / ".smpo").mkdir()
+    (rd.path / ".smpo" / "fingerprint.json").write_text("{}")
+    (rd.path / "images").mkdir()
+    (rd.path / "images" / ".00000_00.abc.png.tmp").write_bytes(b"")  # a killed atomic write
+    (rd.path / "cache" / ".part-00001.safetensors.xyz.tmp").mkdir(parents=True)
+    assert rd.holds_no_results()
+    (rd.path / "images" / "00000_00.png").write_bytes(b"png")
+    assert not rd.holds_no_results()
+    assert rd.remove_temporaries() == 2
+    assert not list(rd.path.rglob("*.tmp")) and (rd.path / "images" / "00000_00.png").is_file()
+    rd.finish("success")
+    assert not rd.holds_no_results()
+
+
+def test_an_empty_prompts_file_is_an_error_not_zero_images(tmp_path, capsys):
+    from smpo_cli.cli.main import run
+
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert run(["generate", "-o", str(tmp_path / "g"), "--model", "tiny-sd15", "--prompts", str(tmp_path / "empty.txt")]) == 1
+    assert "holds no prompts" in capsys.readouterr().err
