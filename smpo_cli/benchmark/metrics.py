@@ -20,6 +20,8 @@ REPORT_OUTPUT = {
     "imagereward": ("score", "normalised ImageReward"),
     "aesthetic": ("score", "LAION aesthetic, 1-10"),
     "clip": ("clip_score", "max(100 x cosine, 0), OpenAI ViT-L/14 (torchmetrics)"),
+    "hpsv3": ("score", "HPSv3 mu (Qwen2-VL-7B reward head, the official inferencer's score)"),
+    "shapes-judge": ("score", "the shapes world's exact judge, [0, 1]"),
 }
 
 

@@ -177,13 +177,16 @@ def _run(stage: str, recipe, core, resume) -> dict[str, Any]:
 
 
 def _fuse(train, lora_dir: str, dest: Path) -> str:
+    """The round's LoRA fused into a full pipeline at ``dest`` (by the main process; the others wait)."""
     from smpo_cli.training.export import fuse_lora_pipeline
+    from smpo_cli.utils.distributed import barrier, is_main_process
 
-    if (dest / "model_index.json").is_file():
-        return str(dest)
-    m = train.model
-    return str(fuse_lora_pipeline(m.pretrained, lora_dir, dest, vae=m.vae, unet=m.unet, config=m.config,
-                                  revision=m.revision, variant=m.variant))  # fmt: skip
+    if is_main_process() and not (dest / "model_index.json").is_file():
+        m = train.model
+        fuse_lora_pipeline(m.pretrained, lora_dir, dest, vae=m.vae, unet=m.unet, config=m.config,
+                           revision=m.revision, variant=m.variant)  # fmt: skip
+    barrier()
+    return str(dest)
 
 
 def _reward_means(pairs_dir: Path) -> dict[str, float]:
@@ -222,6 +225,7 @@ def run_rounds(recipe: RoundsRecipe) -> RoundsResult:
     from smpo_cli.pairs.runner import run_pairs
     from smpo_cli.training.runner import run_training
     from smpo_cli.utils.atomic import write_json
+    from smpo_cli.utils.distributed import is_main_process
 
     started = time.perf_counter()
     out = Path(recipe.output_dir)
@@ -253,7 +257,8 @@ def run_rounds(recipe: RoundsRecipe) -> RoundsResult:
                       "vs_start": paired_change(out / "round_0" / "pairs", out / "eval")}  # fmt: skip
     result = RoundsResult(output_dir=str(out), rounds=rounds, final_model=model["pretrained"], evaluation=evaluation,
                           seconds=round(time.perf_counter() - started, 1), summary_path=str(out / "summary.json"))  # fmt: skip
-    write_json(out / "summary.json", result.to_dict())
+    if is_main_process():
+        write_json(out / "summary.json", result.to_dict())
     return result
 
 
