@@ -111,6 +111,7 @@ def main() -> None:
         smpo("train", "--recipe", "tiny_dpo_cpu", "-o", str(out / arm / "train"), "--overwrite",
              f"model.pretrained={args.base}", f"data.path={out / 'pairs'}", f"method.name={method}",
              f"method.binary_labels={str(binary).lower()}", f"method.beta={beta}", f"data.reward={reward}",
+             "data.labels=reward",  # the winner column named by data.reward (votes for DPO: the human label)
              "train.grad_accum_steps=1", "train.checkpoint_every_steps=null", "optim.weight_decay=0.0",
              "data.resolution=32", "data.num_workers=0", "data.empty_prompt_prob=0.1", "model.dtype=float32",
              "device=cpu", "inversion.source=none", f"optim.lr={args.lr}", "optim.scale_lr=false",

@@ -145,7 +145,7 @@ def main() -> None:
             return
         smpo("train", "--recipe", "tiny_dpo_cpu", "-o", str(out / arm / "train"), "--overwrite",
              f"model.pretrained={base}", f"data.path={out / f'{arm}.jsonl'}", "method.name=sft",
-             "train.grad_accum_steps=1", "train.checkpoint_every_steps=null", "optim.weight_decay=0.0", "data.reward=sft", "data.resolution=32", "data.num_workers=0",
+             "train.grad_accum_steps=1", "train.checkpoint_every_steps=null", "optim.weight_decay=0.0", "data.reward=sft", "data.labels=reward", "data.resolution=32", "data.num_workers=0",
              "data.empty_prompt_prob=0.1", "model.dtype=float32", "device=cpu", "inversion.source=none",
              f"optim.lr={args.lr}", "optim.scale_lr=false", "optim.lr_scheduler=constant_with_warmup",
              f"optim.warmup_steps={max(1, steps // 6)}", "train.batch_size=32", f"train.max_steps={steps}",

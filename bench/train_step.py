@@ -6,8 +6,9 @@ median ms per step, UNet calls per step and the ratios the targets are about:
 
   cache_vs_dpo        SmPO from the `smpo invert` cache / Diffusion-DPO        (target <= 1.15)
   online_vs_official  SmPO online (exact t, ReNoise K=1, reference UNet, 5 levels)
-                      / the official-style step (5-level leading grid, K=1, policy inversion,
-                      inversion to the grid level below t)                       (target <= 1.0)
+                      / the official-style step (the official loop under diffusers 0.20.0:
+                      5-entry leading grid, K=1, policy inversion to the grid level at or
+                      above t, smpo_cli.inversion.official)                      (target <= 1.0)
 
     python bench/train_step.py                 # CPU, ~25M-parameter SD1.5-layout UNet, 32x32 latents
     python bench/train_step.py --json
@@ -75,8 +76,8 @@ def build(args):
              "original_size": torch.full((P, 2, 2), 512), "crop_top_left": torch.zeros(P, 2, 2, dtype=torch.long)}  # fmt: skip
     models = {}
     for name, recipe in variants.items():
-        grid = inversion_grid(5, spacing="leading", offset=1) if name == "official-style" else inversion_grid(5)
-        models[name] = StepModels(recipe, comps, unet, unet, ref, schedule, grid=grid, cache_levels=levels)
+        # the official mode walks its own grid (from the scheduler config); the others the trailing one
+        models[name] = StepModels(recipe, comps, unet, unet, ref, schedule, grid=inversion_grid(5), cache_levels=levels)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-12)
     return models, batch, opt, unet
 

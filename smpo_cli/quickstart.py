@@ -90,7 +90,8 @@ def run_quickstart(output_dir: str | Path, *, steps: int = 4) -> QuickstartResul
 
     reward = f"shapes-pickscore: {shapes_pickscore_description()}"
     result = QuickstartResult(str(root), len(PROMPTS), score.scored, reward=reward)
-    for method, extra in (("smpo", ["inversion.source=cache", f"inversion.cache_path={cache}"]), ("dpo", [])):
+    # the generated pairs have no human label: Diffusion-DPO orders them by the reward winner, as SmPO does
+    for method, extra in (("smpo", ["inversion.source=cache", f"inversion.cache_path={cache}"]), ("dpo", ["data.labels=reward"])):
         overrides = [f"data.path={scored}", f"output_dir={root / method}", f"train.max_steps={steps}",
                      f"optim.lr={LR_PER_PAIR}", "optim.lr_scheduler=constant_with_warmup",
                      f"optim.warmup_steps={min(WARMUP_STEPS, steps)}",

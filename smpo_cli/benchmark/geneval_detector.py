@@ -66,7 +66,8 @@ Detections = dict[str, list[Detection]]
 
 @runtime_checkable
 class Detector(Protocol):
-    """Per image, per GenEval class name: detections best-first, ``index`` = rank, ``mask`` set."""
+    """Per image, per GenEval class name: detections in the detector's order (as mmdet's per-class arrays,
+    which GenEval's rules rank themselves), ``index`` = place in that order, ``mask`` set."""
 
     backend: str  # "transformers" | "mmdet"
     name: str  # what ran, for reports, e.g. "transformers Mask2Former facebook/mask2former-swin-small-coco-instance"
@@ -155,7 +156,8 @@ def postprocess_instances(
     ``class_logits`` (Q, C + 1) with the no-object class last; ``mask_logits`` (Q, h, w) at any resolution
     (the model's is 1/4 of the padded input). Masks are upsampled to ``padded_size``, cropped to
     ``resized_size`` and resized to ``original_size`` (all (height, width)), bilinear throughout.
-    Returns every class name, each with its detections best-first.
+    Returns every class name, each with its detections in top-k order (the order mmdet's per-class arrays keep;
+    :func:`~smpo_cli.benchmark.geneval_rules.keep_detections` ranks them by score as the official evaluator).
     """
     num_classes = len(class_names)
     if class_logits.ndim != 2 or class_logits.shape[1] != num_classes + 1:
@@ -190,7 +192,6 @@ def postprocess_instances(
         per_class[class_names[label]].append((det_scores[j], query))
     out: Detections = {}
     for name, found in per_class.items():
-        found.sort(key=lambda t: -t[0])  # stable: ties keep the class-prob order
         out[name] = [
             Detection(box=tuple(boxes[q]), score=s, index=rank, mask=masks_np[q])
             for rank, (s, q) in enumerate(found)
@@ -394,7 +395,7 @@ def detections_from_mmdet_result(
     segm_results: Sequence[Any] | None,
     class_names: Sequence[str] = GENEVAL_CLASS_NAMES,
 ) -> Detections:
-    """mmdet 2.x per-class results -> per class name, detections best-first.
+    """mmdet 2.x per-class results -> per class name, detections in the arrays' order (ranked by the rules).
 
     ``bbox_results[i]``: (n, 5) array of x1, y1, x2, y2, score for label i; ``segm_results[i]``: its n masks
     (H, W) (or None). Boxes are taken as they are: mmdet's +1 convention already.
@@ -409,15 +410,14 @@ def detections_from_mmdet_result(
         masks = None if segm_results is None else segm_results[i]
         if masks is not None and len(masks) != len(boxes):
             raise DataError(f"mmdet returned {len(boxes)} boxes but {len(masks)} masks for {name!r}")
-        order = np.argsort(-boxes[:, 4], kind="stable")
         out[name] = [
             Detection(
                 box=tuple(float(v) for v in boxes[j, :4]),
                 score=float(boxes[j, 4]),
-                index=rank,
+                index=j,
                 mask=None if masks is None else np.asarray(masks[j], dtype=bool),
             )
-            for rank, j in enumerate(order)
+            for j in range(len(boxes))
         ]
     return out
 

@@ -1,18 +1,24 @@
 """GenEval's correctness rules, separate from any detector (Ghosh et al. 2023; evaluation.md section 1).
 
-Given the detections of one image (per class: boxes with scores, best first or not) and the prompt's
-metadata line, decide whether the image is correct, exactly as the official evaluator does:
+Given the detections of one image (per class: boxes with scores, in the detector's order, as mmdet's
+per-class arrays) and the prompt's metadata line, decide whether the image is correct, exactly as the
+official evaluator (``evaluation/evaluate_images.py``) does:
 
-* keep per class the detections with score > ``threshold`` (strictly, as the official code) (``counting_threshold`` for counting
-  prompts), at most ``max_objects`` of them by score, optional greedy NMS (``max_overlap`` 1.0 = off);
+* rank each class's detections as ``np.argsort(scores)[::-1]`` does under the numpy GenEval pins (1.23):
+  by score, ties in the order numpy 1.23's introsort leaves them (:func:`official_ranking`; for a tie
+  of two among at most 16 detections the later one comes first);
+* keep those with score > ``threshold`` (strictly, and in float32 as the official code compares mmdet's
+  float32 scores: a score of exactly float32(0.3) is dropped) (``counting_threshold`` for counting
+  prompts), at most ``max_objects`` of them, optional greedy NMS (``max_overlap`` 1.0 = off);
 * ``include`` clauses are ANDed: the top-``count`` detections of the class must exist; with a colour, at
   least ``count`` of them must be classified as that colour; with a position ``[relation, group]``, every
   (object, target) pair must satisfy the relation against the objects found for that earlier group;
 * ``exclude`` clauses are ORed: ``count`` or more detections of the class make the image wrong (counting
   prompts say "exactly N" as include N + exclude N+1);
 * relative position: centre offset A - B, each axis shrunk toward 0 by ``position_threshold`` x (size_A +
-  size_B) on that axis; no relation when both shrunk parts are ~0; otherwise divided by the unshrunk
-  offset's norm: left of (dx < -0.5), right of (dx > 0.5), above (dy < -0.5), below (dy > 0.5).
+  size_B) on that axis, sizes being absolute box widths and heights; no relation when both shrunk parts
+  are ~0; otherwise divided by the unshrunk offset's norm: left of (dx < -0.5), right of (dx > 0.5),
+  above (dy < -0.5), below (dy > 0.5). All in float32, as the official code on mmdet's float32 boxes.
 
 Aggregation: accuracy per task = fraction of images correct; overall = the unweighted mean of the tasks.
 """
@@ -32,7 +38,7 @@ TASKS = ("single_object", "two_object", "counting", "colors", "position", "color
 class Detection:
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 (mmdet's +1 convention: x2 = last column + 1)
     score: float
-    index: int = 0  # which detection of its class, for the colour classifier
+    index: int = 0  # which detection of its class (its place in the detector's order), for the colour classifier
     # the binary instance mask (H, W) bool, for the colour judge; not part of equality
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
 
@@ -62,8 +68,122 @@ def _iou(a, b) -> float:
     return inter / area if area > 0 else 0.0
 
 
+# numpy 1.23's introsort (npysort/quicksort.cpp aquicksort_ and npysort_heapsort.h aheapsort_), which
+# np.argsort's default kind runs on float32 there (SIMD argsort came with numpy 1.25). Its order of equal
+# scores is what GenEval's evaluator ranks by; later numpy versions (and stable sorts) order ties differently.
+_SMALL_QUICKSORT = 15
+
+
+def _less(a: float, b: float) -> bool:
+    return a < b or (b != b and a == a)  # numpy's float order: NaN last
+
+
+def _aheapsort(v: list[float], tosort: list[int], start: int, n: int) -> None:
+    base = start - 1  # heap indices are 1-based: a[k] is tosort[base + k]
+    for lo in range(n >> 1, 0, -1):
+        tmp = tosort[base + lo]
+        i, j = lo, lo << 1
+        while j <= n:
+            if j < n and _less(v[tosort[base + j]], v[tosort[base + j + 1]]):
+                j += 1
+            if _less(v[tmp], v[tosort[base + j]]):
+                tosort[base + i] = tosort[base + j]
+                i, j = j, j + j
+            else:
+                break
+        tosort[base + i] = tmp
+    while n > 1:
+        tmp = tosort[base + n]
+        tosort[base + n] = tosort[base + 1]
+        n -= 1
+        i, j = 1, 2
+        while j <= n:
+            if j < n and _less(v[tosort[base + j]], v[tosort[base + j + 1]]):
+                j += 1
+            if _less(v[tmp], v[tosort[base + j]]):
+                tosort[base + i] = tosort[base + j]
+                i, j = j, j + j
+            else:
+                break
+        tosort[base + i] = tmp
+
+
+def numpy123_argsort(values: Sequence[float]) -> list[int]:
+    """``np.argsort(np.float32(values))`` exactly as numpy 1.23 returns it, ties included."""
+    return _introsort([float(x) for x in np.asarray(values, dtype=np.float32)])
+
+
+def _introsort(v: list) -> list[int]:
+    n = len(v)
+    tosort = list(range(n))
+    if n < 2:
+        return tosort
+    swap = tosort.__setitem__
+    pl, pr = 0, n - 1
+    stack: list[tuple[int, int, int]] = []  # (pl, pr, depth) of the partitions left for later
+    cdepth = (n.bit_length() - 1) * 2  # 2 x floor(log2(n)): deeper than that, heapsort
+    while True:
+        if cdepth < 0:
+            _aheapsort(v, tosort, pl, pr - pl + 1)
+        else:
+            while pr - pl > _SMALL_QUICKSORT:
+                pm = pl + ((pr - pl) >> 1)  # median of three
+                if _less(v[tosort[pm]], v[tosort[pl]]):
+                    tosort[pm], tosort[pl] = tosort[pl], tosort[pm]
+                if _less(v[tosort[pr]], v[tosort[pm]]):
+                    tosort[pr], tosort[pm] = tosort[pm], tosort[pr]
+                if _less(v[tosort[pm]], v[tosort[pl]]):
+                    tosort[pm], tosort[pl] = tosort[pl], tosort[pm]
+                vp = v[tosort[pm]]
+                pi, pj = pl, pr - 1
+                tosort[pm], tosort[pj] = tosort[pj], tosort[pm]
+                while True:
+                    pi += 1
+                    while _less(v[tosort[pi]], vp):
+                        pi += 1
+                    pj -= 1
+                    while _less(vp, v[tosort[pj]]):
+                        pj -= 1
+                    if pi >= pj:
+                        break
+                    tosort[pi], tosort[pj] = tosort[pj], tosort[pi]
+                pk = pr - 1
+                tosort[pi], tosort[pk] = tosort[pk], tosort[pi]
+                cdepth -= 1
+                if pi - pl < pr - pi:  # the larger partition waits on the stack
+                    stack.append((pi + 1, pr, cdepth))
+                    pr = pi - 1
+                else:
+                    stack.append((pl, pi - 1, cdepth))
+                    pl = pi + 1
+            for i in range(pl + 1, pr + 1):  # insertion sort: stable
+                vi = tosort[i]
+                vv = v[vi]
+                j = i
+                while j > pl and _less(vv, v[tosort[j - 1]]):
+                    swap(j, tosort[j - 1])
+                    j -= 1
+                swap(j, vi)
+        if not stack:
+            return tosort
+        pl, pr, cdepth = stack.pop()
+
+
+def official_ranking(scores: Sequence[float]) -> list[int]:
+    """Positions of ``scores`` best first, as the official ``np.argsort(scores)[::-1]`` under numpy 1.23.
+
+    With no equal scores this is simply by decreasing score; equal scores come in numpy 1.23's order (for
+    up to 16 detections, the later of two equal ones first).
+    """
+    return numpy123_argsort(scores)[::-1]
+
+
 def keep_detections(dets: Sequence[Detection], threshold: float, rules: Rules) -> list[Detection]:
-    kept = sorted((d for d in dets if d.score > threshold), key=lambda d: -d.score)[: rules.max_objects]
+    """Rank (:func:`official_ranking` over ``dets`` in the detector's order), threshold in float32, cap, NMS."""
+    dets = list(dets)
+    limit = np.float32(threshold)
+    ranked = [dets[i] for i in official_ranking([d.score for d in dets])]
+    kept = [d for d in ranked if np.float32(d.score) > limit][: rules.max_objects]
     if rules.max_overlap < 1.0:
         out: list[Detection] = []
         for d in kept:
@@ -74,12 +194,12 @@ def keep_detections(dets: Sequence[Detection], threshold: float, rules: Rules) -
 
 
 def relations(a: Sequence[float], b: Sequence[float], margin: float) -> set[str]:
-    """The relative positions of box ``a`` with respect to box ``b``."""
-    ca = np.array([(a[0] + a[2]) / 2, (a[1] + a[3]) / 2])
-    cb = np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
-    size = np.array([(a[2] - a[0]) + (b[2] - b[0]), (a[3] - a[1]) + (b[3] - b[1])])
-    offset = ca - cb
-    shrunk = np.sign(offset) * np.maximum(np.abs(offset) - margin * size, 0)
+    """The relative positions of box ``a`` with respect to box ``b`` (float32 arithmetic, as the official code)."""
+    boxes = np.array([a[:4], b[:4]], dtype=np.float32).reshape(2, 2, 2)  # (box, corner, xy)
+    centre_a, centre_b = boxes.mean(axis=-2)
+    size_a, size_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]  # absolute widths and heights
+    offset = centre_a - centre_b
+    shrunk = np.maximum(np.abs(offset) - np.float32(margin) * (size_a + size_b), 0) * np.sign(offset)
     if np.all(np.abs(shrunk) < 1e-3):
         return set()
     dx, dy = shrunk / np.linalg.norm(offset)

@@ -53,6 +53,7 @@ def train(
     table = Table(title=f"smpo train: {result.method}", title_justify="left", show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
+    table.add_row("labels", f"{result.labels} ({result.label_column} chose the winners)")
     table.add_row("steps", f"{result.steps}" + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""))
     if result.final_loss is not None:
         table.add_row("final loss", f"{result.final_loss:.5f}")

@@ -159,7 +159,7 @@ def plan_lines(recipe: BaseModel) -> list[tuple[str, str]]:
     if data.stage == "train":
         t, o = data.train, data.optim
         per_process = t.batch_size * t.grad_accum_steps
-        lines.append(("ok", f"method: {data.method.name}, inversion: {data.inversion.source}"))
+        lines.append(("ok", f"method: {data.method.name}, labels: {data.data.labels}, inversion: {data.inversion.source}"))
         lines.append(
             ("ok", f"pairs per optimiser step per process: {per_process} (x number of processes)")
         )

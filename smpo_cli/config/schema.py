@@ -82,8 +82,20 @@ class TrainDataSpec(Block):
         "or its mean (ablation: shifts the data distribution at low noise).",
     )
     drop_ties: bool = Field(True, description="Drop pairs whose human label is a tie (label_0 = 0.5).")
+    labels: Literal["reward", "human"] | None = Field(
+        None,
+        description="Which label puts the winner first: reward = data.reward's winner (SmPO, as the official code; "
+        "an exact reward tie makes image 1 the winner) | human = the human label label_0 (Diffusion-DPO and the "
+        "official --sft; human ties are always dropped) | null = the method's paper default (smpo: reward; dpo, "
+        "sft: human), written into recipe.resolved.yaml.",
+    )
     max_pairs: PositiveInt | None = Field(None, description="Use at most this many pairs (debugging).")
     num_workers: NonNegInt = Field(2, description="DataLoader worker processes.")
+
+
+# The labels each method's paper orders its pairs by (method.md section 5): SmPO the reward winner,
+# Diffusion-DPO and the official --sft the human label label_0.
+PAPER_LABELS: dict[str, Literal["reward", "human"]] = {"smpo": "reward", "dpo": "human", "sft": "human"}
 
 
 class MethodSpec(Block):
@@ -118,10 +130,12 @@ class InversionSpec(Block):
     average_window: PositiveInt = Field(
         2, description="Average the last N noise predictions of each inverse step."
     )
-    timestep_mode: Literal["exact", "grid", "official"] = Field(
+    timestep_mode: Literal["exact", "grid", "official", "official_0_22"] = Field(
         "exact",
         description="exact: invert to the sampled t | grid: sample t on the inversion grid | "
-        "official: reproduce the official code's level mismatch (ablation only).",
+        "official: the official loop as under the diffusers 0.20.0 the authors pin (grid level at or above t, "
+        "abar at t: the level mismatch; ablation only) | official_0_22: the same loop under diffusers >= 0.22 "
+        "(stops below t). The official modes ignore first_prediction and use the model's scheduler config.",
     )
     cache_path: str | None = Field(None, description="Inversion cache folder when source=cache.")
     first_prediction: Literal["source", "target"] = Field(
@@ -199,6 +213,23 @@ class TrainRecipe(Block):
     train: TrainLoopSpec
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_labels(cls, values: object) -> object:
+        """data.labels: null -> the method's paper default, so the resolved recipe says which labels a run used."""
+        if not isinstance(values, dict):
+            return values
+        method, data = values.get("method"), values.get("data")
+        name = method.get("name", "smpo") if isinstance(method, dict) else getattr(method, "name", "smpo")
+        default = PAPER_LABELS.get(name) if isinstance(name, str) else None
+        if default is None:  # an unknown method: the field validation reports it
+            return values
+        if isinstance(data, dict) and data.get("labels") is None:
+            return {**values, "data": {**data, "labels": default}}
+        if isinstance(data, TrainDataSpec) and data.labels is None:
+            return {**values, "data": data.model_copy(update={"labels": default})}
+        return values
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainRecipe:
         if self.method.name == "sft" and self.inversion.source != "none":
@@ -208,14 +239,14 @@ class TrainRecipe(Block):
         if self.inversion.source == "cache" and (self.data.random_crop or self.data.random_flip):
             raise ValueError("inversion.source=cache stores centre-cropped, unflipped latents: "
                              "set data.random_crop=false and data.random_flip=false")
-        if self.inversion.source == "cache" and self.inversion.timestep_mode == "official":
-            raise ValueError("inversion.timestep_mode=official needs inversion.source=online")
+        if self.inversion.source == "cache" and self.inversion.timestep_mode.startswith("official"):
+            raise ValueError(f"inversion.timestep_mode={self.inversion.timestep_mode} needs inversion.source=online")
         return self
 
 
 # ----------------------------------------------------------------------------- score stage
-REWARD_NAMES = ("pickscore", "hpsv2", "imagereward", "aesthetic", "clip", "shapes-judge")
-RewardName = Literal["pickscore", "hpsv2", "imagereward", "aesthetic", "clip", "shapes-judge"]
+REWARD_NAMES = ("pickscore", "hpsv2", "hpsv3", "imagereward", "aesthetic", "clip", "shapes-judge")
+RewardName = Literal["pickscore", "hpsv2", "hpsv3", "imagereward", "aesthetic", "clip", "shapes-judge"]
 
 
 class ScoreDataSpec(Block):

@@ -11,7 +11,8 @@ Public API (imported lazily, so ``import smpo_cli.inversion`` does not import to
     tau = res.implied_noise(x0)            # the SmPO regression target at res.timesteps (== t)
 
 Modules: ``schedule`` (all abar / grid / step arithmetic), ``ddim`` (plain DDIM inversion, the
-shared batched engine, ``ddim_sample``), ``renoise`` (ReNoise with optional noise regularisation).
+shared batched engine, ``ddim_sample``), ``renoise`` (ReNoise with optional noise regularisation),
+``official`` (the official SmPO loop under diffusers 0.20.0 or >= 0.22 semantics, for ablations).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from smpo_cli.inversion.ddim import InversionResult, SampleResult, Trajectory, ddim_invert, ddim_sample
+    from smpo_cli.inversion.official import InverseSchedulerConfig, official_invert
     from smpo_cli.inversion.renoise import NoiseRegularization, regularize_noise, renoise_invert
     from smpo_cli.inversion.schedule import (
         CLEAN,
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "ddim": ("InversionResult", "SampleResult", "Trajectory", "ddim_invert", "ddim_sample"),
     "renoise": ("NoiseRegularization", "regularize_noise", "renoise_invert"),
+    "official": ("InverseSchedulerConfig", "official_invert"),
     "schedule": (
         "CLEAN",
         "NoiseSchedule",
@@ -54,6 +57,7 @@ _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [
     "CLEAN",
+    "InverseSchedulerConfig",
     "InversionResult",
     "NoiseRegularization",
     "NoiseSchedule",
@@ -69,6 +73,7 @@ __all__ = [
     "inverse_ddim_step",
     "inversion_grid",
     "inversion_path",
+    "official_invert",
     "regularize_noise",
     "renoise_invert",
 ]

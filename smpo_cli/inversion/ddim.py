@@ -62,8 +62,9 @@ class InversionResult:
     """Inverted latents of a batch.
 
     ``latents`` (float32, ``(B, C, H, W)``) lie at ``timesteps`` (``(B,)``, long; equal to the
-    asked ``t`` except in ``mode="official"``, where it is the last grid level below ``t``, or
-    :data:`CLEAN` = -1). ``abar`` (float64, CPU) is ``abar`` at ``timesteps``.
+    asked ``t`` except in ``mode="below"``, where it is the last grid level below ``t``, or
+    :data:`CLEAN` = -1, and in the official loop, :mod:`smpo_cli.inversion.official`).
+    ``abar`` (float64, CPU) is ``abar`` at ``timesteps``.
     ``unet_calls`` counts UNet forward calls, ``unet_rows`` the latents they processed in all
     (classifier-free guidance and ReNoise's regularisation reference add rows, not calls), and
     ``nfe[b]`` the noise estimates sample ``b`` needed. ``trajectory`` holds one
@@ -369,8 +370,8 @@ def ddim_invert(
     its config (gives ``abar`` and the prediction type: ``epsilon`` or ``v_prediction``).
     ``num_steps``: grid size (:func:`~smpo_cli.inversion.schedule.inversion_grid`, trailing
     spacing); ``grid`` replaces the grid by explicit increasing levels. ``mode``: ``"exact"``
-    (land exactly on ``t``), ``"grid"`` (``t`` must be a grid level) or ``"official"`` (stop at
-    the last grid level below ``t``, as the official SmPO code). ``first_prediction``: UNet
+    (land exactly on ``t``), ``"grid"`` (``t`` must be a grid level) or ``"below"`` (stop at
+    the last grid level below ``t``). ``first_prediction``: UNet
     timestep label of the noise estimate, ``"source"`` or ``"target"``. ``guidance_scale``
     with ``uncond``: classifier-free guidance (default: none, as SmPO).
 
@@ -427,7 +428,7 @@ def ddim_sample(
     batch = x_t.shape[0]
     starts = _as_levels(t, batch, sched.num_train_timesteps, allow_clean=True)
     paths = [
-        list(reversed(inversion_path(tb, levels, "official" if tb == CLEAN else "exact"))) for tb in starts
+        list(reversed(inversion_path(tb, levels, "below" if tb == CLEAN else "exact"))) for tb in starts
     ]
     with torch.no_grad():
         predictor = NoisePredictor(unet, cond, sched, batch, guidance_scale=guidance_scale, uncond=uncond)

@@ -8,7 +8,8 @@ Each inverse DDIM step ``s -> u`` is refined by fixed-point iterations (method.m
     x_u = step(x_s, mean(e_{K+1-W}, ..., e_K))                              (W = average_window)
 
 ``step`` is :func:`~smpo_cli.inversion.schedule.inverse_ddim_step`. The re-noise predictions are
-made at the **target** timestep ``u`` (the official SmPO code wrongly labels them with the source).
+made at the **target** timestep ``u`` (the official SmPO code, under the diffusers 0.20.0 it pins, labels
+every prediction of a step with its source; :mod:`smpo_cli.inversion.official` reproduces that loop).
 A fixed point of the iteration is exactly the latent that a DDIM sampling step ``u -> s`` maps
 back to ``x_s``, which is why more iterations reconstruct better. ``K = 0`` is plain DDIM.
 Official SmPO: ``K = 1``, ``W = 2`` (the mean of ``e_0`` and ``e_1``), no guidance,

@@ -40,7 +40,7 @@ CLEAN = -1
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-MODES = ("exact", "grid", "official")
+MODES = ("exact", "grid", "below")
 SPACINGS = ("trailing", "leading")
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +174,8 @@ def inversion_grid(
     divisible cases (Lin et al. 2023), so every ``t`` in ``[0, T)`` lies at or below the top level.
 
     ``spacing="leading"``: ``level_i = floor(i * T / num_steps) + offset`` (diffusers' "leading"
-    spacing; with ``offset=1`` the grid of the official SmPO code: 1, 201, 401, 601, 801).
+    spacing; with ``offset=1`` the grid of the official SmPO code's ``DDIMInverseScheduler``: 1, 201,
+    401, 601, 801; how the official loop walks it is in :mod:`smpo_cli.inversion.official`).
     """
     n, total = int(num_steps), int(num_train_timesteps)
     if n < 1 or n > total:
@@ -207,9 +208,9 @@ def inversion_path(t: int, grid: Sequence[int], mode: str = "exact") -> list[int
     * ``"exact"``: the grid levels strictly below ``t``, then ``t`` itself (a partial step when
       ``t`` is not a grid level, none needed when it is). Ends exactly on ``t``.
     * ``"grid"``: as ``"exact"``, but ``t`` must be a grid level.
-    * ``"official"``: the official SmPO behaviour: the grid levels strictly below ``t`` only; the
-      path ends on the last grid level below ``t`` (:data:`CLEAN` if there is none), so the latent
-      is *not* at ``t``.
+    * ``"below"``: the grid levels strictly below ``t`` only; the path ends on the last grid level
+      below ``t`` (:data:`CLEAN` if there is none), so the latent is *not* at ``t``. (The official
+      SmPO loop, on its own grid and labels, is :mod:`smpo_cli.inversion.official`.)
 
     The number of inversion steps of the sample is ``len(path) - 1``.
     """
@@ -217,7 +218,7 @@ def inversion_path(t: int, grid: Sequence[int], mode: str = "exact") -> list[int
         raise UsageError(f"unknown inversion mode {mode!r}", hint=f"use one of {', '.join(MODES)}")
     t = int(t)
     below = [g for g in grid if g < t]
-    if mode == "official":
+    if mode == "below":
         return [CLEAN, *below]
     if mode == "grid" and t not in grid:
         raise UsageError(

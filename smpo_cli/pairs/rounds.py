@@ -113,7 +113,8 @@ def round_recipes(recipe: RoundsRecipe, r: int, model: dict[str, Any]) -> dict[s
             "data.split": None, "seed": recipe.seed + r}, "invert")  # fmt: skip
     train = stage_recipe(recipe.train, "train", {
         **forced, "output_dir": str(rdir / "train"), "data.path": str(rdir / "pairs"), "data.split": None,
-        "data.reward": pairs.pair_prefix, "inversion.cache_path": str(rdir / "cache") if cache else None,
+        "data.reward": pairs.pair_prefix, "data.labels": "reward",  # sampled pairs carry no human label
+        "inversion.cache_path": str(rdir / "cache") if cache else None,
         "train.resume": "auto", "seed": recipe.seed + r}, "train")  # fmt: skip
     return {"pairs": pairs, "invert": invert, "train": train}
 

@@ -11,6 +11,7 @@ name           default source                         outputs (default first)   
 =============  =====================================  ==========================  ===================
 pickscore      yuvalkirstain/PickScore_v1             score, cosine               pickscore.py
 hpsv2          xswu/HPSv2 (HPS_v2.1_compressed.pt)    score, score_x100           hpsv2.py
+hpsv3          MizzenAI/HPSv3 (HPSv3.safetensors)     score, sigma, log_sigma     hpsv3.py
 imagereward    THUDM/ImageReward (ImageReward.pt)     score, raw                  imagereward.py
 aesthetic      trl-lib/ddpo-aesthetic-predictor       score                       aesthetic.py
 clip           openai/clip-vit-large-patch14          clip_score, cosine          clip.py
@@ -61,6 +62,13 @@ REWARDS: dict[str, RewardSpec] = {
             "xswu/HPSv2",
             ("score", "score_x100"),
             "HPSv2 / HPSv2.1 (open_clip ViT-H-14); variant=v2.0|v2.1 (default v2.1), antialias=false",
+        ),
+        RewardSpec(
+            "hpsv3",
+            "smpo_cli.rewards.hpsv3",
+            "MizzenAI/HPSv3",
+            ("score", "sigma", "log_sigma"),
+            "HPSv3 (Qwen2-VL-7B + reward head); score = mu, sigma = exp(log_sigma); base=Qwen2-VL files",
         ),
         RewardSpec(
             "imagereward",
@@ -125,7 +133,7 @@ def load_reward(
     local Hugging Face cache when present and otherwise downloaded; offline and not cached raises
     :class:`~smpo_cli.errors.AssetNotFoundError` with a one-line hint. ``options`` go to the model
     (e.g. ``variant="v2.0"`` and ``antialias=True`` for hpsv2, ``processor=`` for pickscore/clip,
-    ``backbone=`` for aesthetic, ``tokenizer=`` for imagereward, ``batch_size=`` for all).
+    ``backbone=`` for aesthetic, ``tokenizer=`` for imagereward, ``base=`` for hpsv3, ``batch_size=`` for all).
     """
     spec = get_spec(name)
     source = os.fspath(path) if path is not None else spec.default_source

@@ -17,6 +17,11 @@ imagereward    ``ImageReward.pt`` (original BLIP/timm/MED key names, incl. unuse
                ``med_config.json``, BERT ``vocab.txt``
 aesthetic      ``CLIPModel.save_pretrained`` (+ image processor) and
                ``sac+logos+ava1-l14-linearMSE.pth`` (head, real hidden sizes)
+hpsv3          ``HPSv3.safetensors`` (bfloat16, the official key names ``visual.*``,
+               ``model.*``, ``lm_head.weight``, ``rm_head.{0,3,5}.*``; real head widths),
+               ``config.json`` in Qwen2-VL-7B-Instruct's flat layout (2+2 layers, width 32),
+               and Qwen2-VL processor files (tiny byte-level BPE with Qwen's special
+               tokens, ``preprocessor_config.json``, ``chat_template.json``)
 =============  ==========================================================================
 
 Tokenizers are made here, offline: CLIP-family models get a tiny byte-level BPE (the 256 byte
@@ -38,7 +43,7 @@ from smpo_cli.errors import UsageError
 from smpo_cli.utils.atomic import atomic_path
 from smpo_cli.utils.paths import cache_dir
 
-TINY_NAMES = ("pickscore", "clip", "hpsv2", "imagereward", "aesthetic")
+TINY_NAMES = ("pickscore", "clip", "hpsv2", "imagereward", "aesthetic", "hpsv3")
 _MARKER = "smpo_tiny.json"
 
 # A few merges so common words become single tokens; everything else falls back to bytes.
@@ -313,12 +318,196 @@ def _build_aesthetic(tmp: Path, **_: Any) -> None:
     torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp / HEAD_FILES[1])
 
 
+# Qwen2's special tokens, in the order (and so with the relative ids) of Qwen2-VL's tokenizer.
+_QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# The chat template of Qwen/Qwen2-VL-7B-Instruct (chat_template.json).
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_bpe_files(dest: Path, corpus: str) -> None:
+    """``vocab.json`` + ``merges.txt`` of a tiny byte-level BPE with Qwen2's pre-tokenizer.
+
+    The 256 byte symbols, plus left-to-right merges that make each distinct pre-token of
+    ``corpus`` one token (so the long HPSv3 instruction stays a few hundred tokens); any other
+    text falls back to bytes.
+    """
+    from tokenizers import Regex, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    pattern = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    pre = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    vocab = list(bytes_to_unicode().values())
+    known = set(vocab)
+    merges: list[tuple[str, str]] = []
+    for piece, _ in pre.pre_tokenize_str(corpus):
+        pieces = list(piece)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            merged = pair[0] + pair[1]
+            if merged not in known:
+                known.add(merged)
+                vocab.append(merged)
+                merges.append(pair)
+            pieces = [merged] + pieces[2:]
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (dest / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _qwen2vl_tokenizer_and_image_processor(tok_dir: Path) -> tuple[Any, Any]:
+    import transformers
+    from transformers import AddedToken
+
+    from smpo_cli.rewards.base import transformers_major
+
+    # transformers 5: Qwen2Tokenizer is the tokenizers-backed class; 4.x: the fast one is separate.
+    tok_cls = transformers.Qwen2Tokenizer if transformers_major() >= 5 else transformers.Qwen2TokenizerFast
+    tok = tok_cls.from_pretrained(str(tok_dir), unk_token=None, bos_token=None, eos_token=None, pad_token=None)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_SPECIALS], special_tokens=True)
+    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
+    image_cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    # the pixel limits of Qwen2-VL-7B-Instruct's preprocessor_config.json
+    return tok, image_cls(min_pixels=3136, max_pixels=12845056)
+
+
+def _build_hpsv3(tmp: Path, **_: Any) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+    from transformers import Qwen2VLConfig, Qwen2VLModel
+
+    from smpo_cli.rewards.hpsv3 import CHECKPOINT_NAME, INSTRUCTION, RATING_REQUEST, REWARD_TOKEN
+
+    tmp.mkdir(parents=True)
+    tok_dir = tmp / "_bpe"
+    qwen_bpe_files(tok_dir, INSTRUCTION + RATING_REQUEST.replace(REWARD_TOKEN, "") + "You are a helpful assistant.")
+    tok, image_processor = _qwen2vl_tokenizer_and_image_processor(tok_dir)
+    ids = {t: int(tok.convert_tokens_to_ids(t)) for t in _QWEN_SPECIALS}
+    width = 32
+    n_rows = len(tok) + 1  # + <|Reward|>, added at load time as the official code does
+    # Qwen2-VL-7B-Instruct's config.json (transformers 4.41 flat layout), at tiny sizes.
+    cfg = {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "attention_dropout": 0.0,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "hidden_act": "silu",
+        "hidden_size": width,
+        "initializer_range": 0.02,
+        "intermediate_size": 2 * width,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 2,
+        "model_type": "qwen2_vl",
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 1,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.41.2",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vision_config": {
+            "depth": 2,
+            "embed_dim": 32,
+            "mlp_ratio": 2,
+            "num_heads": 2,
+            "in_chans": 3,
+            "hidden_size": width,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "temporal_patch_size": 2,
+        },
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},  # sums to head_dim / 2
+        "vocab_size": n_rows,
+    }
+    model = Qwen2VLModel(Qwen2VLConfig(**cfg))
+    # HPSv3's "ranknet" head at its real widths; std 0.1 so that random rewards differ between inputs.
+    head = nn.Sequential(
+        nn.Linear(width, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 2)
+    )
+    with torch.no_grad():
+        for m in head:
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, 0.1)
+                m.bias.normal_(0.0, 0.1)
+    sd: dict[str, Any] = {}
+    for key, value in model.state_dict().items():  # transformers 4.45 names, as the checkpoint has them
+        if key.startswith("visual."):
+            sd[key] = value
+        elif key.startswith("language_model."):
+            sd["model." + key[len("language_model.") :]] = value
+        else:  # pragma: no cover - a transformers rename would land here
+            raise RuntimeError(f"no HPSv3 name for Qwen2-VL key {key}")
+    sd["lm_head.weight"] = torch.randn(n_rows, width) * 0.02
+    sd.update({f"rm_head.{k}": v for k, v in head.state_dict().items()})
+    save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(tmp / CHECKPOINT_NAME))
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    # the processor files as Qwen2-VL-7B-Instruct has them: tokenizer, preprocessor_config.json, chat_template.json
+    tok.save_pretrained(str(tmp))
+    image_processor.save_pretrained(str(tmp))
+    (tmp / "chat_template.json").write_text(
+        json.dumps({"chat_template": QWEN2VL_CHAT_TEMPLATE}, indent=2), encoding="utf-8"
+    )
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+
+
 _BUILDERS: dict[str, Callable[..., None]] = {
     "pickscore": _build_pickscore,
     "clip": _build_clip,
     "hpsv2": _build_hpsv2,
     "imagereward": _build_imagereward,
     "aesthetic": _build_aesthetic,
+    "hpsv3": _build_hpsv3,
 }
 
 

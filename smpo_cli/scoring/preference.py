@@ -33,8 +33,9 @@ def prob_first_preferred(r0: np.ndarray, r1: np.ndarray, r_min: float, r_max: fl
 
 
 def reward_winner(r0: np.ndarray, r1: np.ndarray) -> np.ndarray:
-    """0 where image 0 has the larger reward, else 1 (an exact tie goes to image 0)."""
-    return np.where(np.asarray(r0) >= np.asarray(r1), 0, 1).astype(np.int8)
+    """0 where image 0 has the larger reward, else 1: an exact tie goes to image 1, as the official
+    preprocessing's ``ps_label_0 = 1 if ps_score > ps_score_2 else 0`` (p = 0.5 then)."""
+    return np.where(np.asarray(r0) > np.asarray(r1), 0, 1).astype(np.int8)
 
 
 def smoothed_p(r0: np.ndarray, r1: np.ndarray, r_min: float, r_max: float) -> tuple[np.ndarray, np.ndarray]:

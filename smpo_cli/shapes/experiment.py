@@ -210,7 +210,7 @@ def train_arm(recipe: ShapesBenchRecipe, arm: ShapesMethodSpec, seed: int, out: 
     data = {"stage": "train", "seed": seed, "device": recipe.device, "output_dir": str(run_dir),
             "model": {"pretrained": recipe.model, "dtype": "float32"},
             "data": {"path": str(out / "pairs" / "pairs.jsonl"), "reward": "human" if arm.labels == "human" else "judge",
-                     "resolution": 32, "num_workers": 0, "empty_prompt_prob": 0.0},
+                     "labels": arm.labels, "resolution": 32, "num_workers": 0, "empty_prompt_prob": 0.0},
             "method": {"name": arm.method, "beta": arm.beta or t.beta, "gamma": t.gamma, "binary_labels": arm.binary_labels},
             "inversion": {"source": arm.inversion, "cache_path": str(out / "cache") if arm.inversion == "cache" else None},
             "optim": {"name": "adamw", "lr": t.lr, "scale_lr": False, "weight_decay": 0.0, "lr_scheduler": "constant"},

@@ -1,11 +1,16 @@
 """Scored preference pairs for training: winner first, smoothed p, deterministic and resumable order.
 
 The input is the output of ``smpo score`` (or any parquet / save_to_disk / JSONL pairs with the
-reward's ``<reward>_winner`` and ``<reward>_p`` columns). Images are decoded lazily in DataLoader
-workers. The order is a *block shuffle*: blocks (parquet row groups) in random order, rows inside a
-block in random order, so each block is read about once per epoch instead of once per row. The order
-is a pure function of (seed, epoch), and randomness per example (crop, flip, empty prompt) is seeded
-by the example's position, so a resumed run sees exactly the batches an uninterrupted run would.
+reward's ``<reward>_winner`` and ``<reward>_p`` columns, and / or a human label ``label_0``). Which
+image is the winner follows ``data.labels`` (method.md section 5): ``reward`` takes the reward's winner
+(SmPO, as the official code: on an exact reward tie, p = 0.5, image 1 wins), ``human`` the human label
+(Diffusion-DPO and the official ``--sft``; human ties and unlabelled pairs are dropped).
+
+Images are decoded lazily in DataLoader workers. The order is a *block shuffle*: blocks (parquet row
+groups) in random order, rows inside a block in random order, so each block is read about once per
+epoch instead of once per row. The order is a pure function of (seed, epoch), and randomness per
+example (crop, flip, empty prompt) is seeded by the example's position, so a resumed run sees exactly
+the batches an uninterrupted run would.
 A pair with a bad image is skipped whole (both sides) and counted.
 """
 
@@ -18,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from smpo_cli.config.schema import TrainRecipe
+from smpo_cli.config.schema import PAPER_LABELS, TrainRecipe
 from smpo_cli.errors import DataError
 from smpo_cli.scoring.decode import SkipPair, open_image
+from smpo_cli.scoring.preference import human_winner
 from smpo_cli.scoring.sources import PairSource, ParquetSource, open_source, resolve_columns
 from smpo_cli.utils.logging import get_logger
 
@@ -37,9 +43,11 @@ class PairTable:
     rows: np.ndarray  # input row index of each usable pair
     row_ids: np.ndarray  # smpo_row (the cache key) of each usable pair
     prompts: list[str]
-    winner: np.ndarray  # 0 or 1: which image the reward prefers
+    winner: np.ndarray  # 0 or 1: which image goes first (the reward's or the human's choice, per data.labels)
     p: np.ndarray  # probability that the winner is preferred
     blocks: list[tuple[int, int]]  # [start, stop) positions into ``rows`` of each storage block
+    labels: str = "reward"  # data.labels as resolved: reward | human
+    label_column: str = ""  # the column that chose the winners
 
 
 def load_pair_table(recipe: TrainRecipe) -> PairTable:
@@ -47,16 +55,25 @@ def load_pair_table(recipe: TrainRecipe) -> PairTable:
     source = open_source(d.path, d.split)
     cols = resolve_columns(source, "auto")
     reward = d.reward
+    labels = d.labels or PAPER_LABELS[recipe.method.name]
+    smoothed = recipe.method.name == "smpo" and not recipe.method.binary_labels  # p enters the loss
     winner_col, p_col = f"{reward}_winner", f"{reward}_p"
     names = source.column_names
-    needed = [winner_col] + ([] if recipe.method.binary_labels or recipe.method.name != "smpo" else [p_col])
+    if labels == "human" and not (cols.label and cols.label in names):
+        raise DataError(
+            f"{d.path}: data.labels=human (the {recipe.method.name} default) needs a human label column "
+            f"(label_0 or label); columns found: {', '.join(names)}",
+            hint="use pairs with human labels, or order the pairs by a reward with data.labels=reward",
+        )
+    # human labels with the smoothed p: p is the reward's probability for the human winner, so both reward columns
+    needed = ([winner_col] if labels == "reward" or smoothed else []) + ([p_col] if smoothed else [])
     missing = [c for c in needed if c not in names]
     if missing:
         raise DataError(
             f"{d.path}: no {', '.join(missing)} column(s): this dataset was not scored with reward {reward!r}",
             hint=f"run `smpo score --data {d.path} --reward {reward}` first, or set data.reward to the reward it was scored with",
         )
-    light = [cols.prompt, winner_col] + ([p_col] if p_col in names else [])
+    light = [cols.prompt] + [c for c in (winner_col, p_col) if c in names]
     light += [c for c in (cols.label, ROW_COLUMN) if c and c in names]
     parts = []
     bounds = []  # storage blocks in input-row space
@@ -79,14 +96,22 @@ def load_pair_table(recipe: TrainRecipe) -> PairTable:
     keep = np.ones(n, dtype=bool)
     if d.drop_ties and cols.label and cols.label in table.column_names:
         keep &= table.column(cols.label).to_numpy(zero_copy_only=False) != 0.5
-    winner = np.asarray(table.column(winner_col).to_numpy(zero_copy_only=False), dtype=np.int64)
-    p = (
-        np.asarray(table.column(p_col).to_numpy(zero_copy_only=False), dtype=np.float64)
-        if p_col in table.column_names
-        else np.ones(n)
-    )
-    if recipe.method.binary_labels or recipe.method.name != "smpo":
-        p = np.ones(n)  # Diffusion-DPO / SFT / the binary-label ablation: the reward winner, fully trusted
+    column = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+    has_reward = winner_col in table.column_names
+    reward_winner = np.asarray(column(winner_col), dtype=np.int64) if has_reward else np.full(n, -1)
+    p = np.asarray(column(p_col), dtype=np.float64) if p_col in table.column_names else np.ones(n)
+    if has_reward and p_col in table.column_names:
+        # an exact reward tie (p = 0.5): image 1 wins, as the official `1 if score_0 > score_1 else 0`
+        reward_winner = np.where(p == 0.5, 1, reward_winner)
+    if labels == "human":
+        winner = human_winner(column(cols.label)).astype(np.int64)  # -1 for a tie or a missing label: dropped
+        # p: the reward's probability that the *human* winner is preferred (below 0.5 where they disagree)
+        p = np.where(winner == reward_winner, p, 1.0 - p)
+        label_column = cols.label
+    else:
+        winner, label_column = reward_winner, winner_col
+    if not smoothed:
+        p = np.ones(n)  # Diffusion-DPO / SFT / the binary-label ablation: the chosen winner, fully trusted
     keep &= np.isfinite(p) & ((winner == 0) | (winner == 1))
     if d.max_pairs is not None:
         keep &= np.cumsum(keep) <= d.max_pairs
@@ -97,7 +122,7 @@ def load_pair_table(recipe: TrainRecipe) -> PairTable:
     )
     kept = np.flatnonzero(keep)
     if kept.size == 0:
-        raise DataError(f"{d.path}: no usable pairs (after dropping ties and rows without a reward winner)")
+        raise DataError(f"{d.path}: no usable pairs (after dropping ties and rows without a {labels} winner)")
     # blocks in kept-position space
     blocks, pos = [], 0
     for lo, hi in bounds:
@@ -115,6 +140,8 @@ def load_pair_table(recipe: TrainRecipe) -> PairTable:
         winner=winner[kept],
         p=p[kept],
         blocks=blocks,
+        labels=labels,
+        label_column=label_column,
     )
 
 

@@ -9,6 +9,7 @@ image's inversion for SmPO):
     inside_i   = -0.5 * coef_i * (d(w) - d(l))
     L_i        = -log sigmoid(inside_i)                 (F.logsigmoid, stable for any magnitude)
     L          = mean_i L_i
+    acc        = mean_i [inside_i > 0]                  (implicit accuracy, as the official code)
 
     Diffusion-DPO : coef_i = beta
     SmPO          : coef_i = beta * gamma * (2 p_i - 1)  (p_i = reward-model probability that w is preferred)
@@ -63,8 +64,10 @@ class PreferenceLossOutput:
     ref_mse_l: torch.Tensor
     """(P,): mse(reference prediction, target) on the losers."""
     implicit_acc: torch.Tensor
-    """Scalar: fraction of pairs with d_w - d_l < 0 (the model prefers the winner more than the reference
-    does); exact ties count 0.5."""
+    """Scalar: fraction of pairs with inside > 0, as the official code's ``(inside_term > 0)``. For DPO
+    (and SmPO with p > 0.5) that is d_w - d_l < 0, the model preferring the winner more than the reference
+    does; a pair with inside = 0 (an exact tie, or SmPO's p = 0.5) counts 0; with p < 0.5 a pair counts
+    when the model moved towards the loser, the image the reward prefers."""
     reward_margin: torch.Tensor
     """(P,): the implicit reward margin -(d_w - d_l)."""
     coef: torch.Tensor
@@ -138,7 +141,7 @@ def _preference(
     inside = -0.5 * coef * diff
     per_pair = -F.logsigmoid(inside)
     diff_d = diff.detach()
-    acc = (diff_d < 0).to(diff.dtype) + 0.5 * (diff_d == 0).to(diff.dtype)
+    acc = (inside.detach() > 0).to(diff.dtype)  # the official per-pair accuracy: p = 0.5 and ties count 0
     return PreferenceLossOutput(
         loss=per_pair.mean(),
         per_pair_loss=per_pair,

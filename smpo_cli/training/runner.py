@@ -30,6 +30,8 @@ METRICS = "metrics.jsonl"
 class TrainResult:
     output_dir: str
     method: str
+    labels: str  # data.labels as used: reward | human
+    label_column: str  # the column that chose each pair's winner (e.g. pickscore_winner, label_0)
     steps: int
     resumed_from: int
     final_loss: float | None
@@ -161,9 +163,10 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         metrics_path.write_text("".join(k + "\n" for k in kept))
         if trackers:
             accelerator.init_trackers("smpo", config=r.model_dump(mode="json"))
-    logger.info("%s on %d pairs: %d steps of %d pairs (%d x %d x %d processes), lr %.3g, %s",
-                r.method.name, len(table.rows), t.max_steps, per_step_pairs, t.batch_size, t.grad_accum_steps,
-                world, lr, f"LoRA rank {t.lora_rank}" if t.lora_rank else "full fine-tuning")  # fmt: skip
+    logger.info("%s on %d pairs (%s labels: %s): %d steps of %d pairs (%d x %d x %d processes), lr %.3g, %s",
+                r.method.name, len(table.rows), table.labels, table.label_column, t.max_steps, per_step_pairs,
+                t.batch_size, t.grad_accum_steps, world, lr,
+                f"LoRA rank {t.lora_rank}" if t.lora_rank else "full fine-tuning")  # fmt: skip
     history: list[dict[str, Any]] = []
     step = start_step
     t0 = time.perf_counter()
@@ -270,7 +273,8 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         accelerator.end_training()
     n_steps = max(step - start_step, 1)
     return TrainResult(
-        output_dir=str(out_dir), method=r.method.name, steps=step, resumed_from=start_step,
+        output_dir=str(out_dir), method=r.method.name, labels=table.labels, label_column=table.label_column,
+        steps=step, resumed_from=start_step,
         final_loss=history[-1].get("loss") if history else None,
         pairs_per_second=round(pairs_done * world / max(seconds, 1e-9), 3),
         unet_calls_per_step=sum(h["unet_calls"] for h in history) / n_steps if history else 0.0,

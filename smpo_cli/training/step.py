@@ -3,9 +3,9 @@
 Per pair: one timestep t (and, without inversion, one noise shared by winner and loser, as
 Diffusion-DPO). With inversion (SmPO) x_t is each image's own ReNoise inversion to exactly t and the
 target is the noise it implies, tau = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t); with
-``timestep_mode=official`` x_t stays at the grid level below t while tau and the UNet use t (the
-official code's behaviour, for ablations). v-prediction models regress v = sqrt(abar) tau -
-sqrt(1 - abar) x0.
+``timestep_mode=official`` (or ``official_0_22``) x_t is the official loop's latent, at a grid level
+near t (:mod:`smpo_cli.inversion.official`), while tau and the UNet use t (the official code's
+behaviour, for ablations). v-prediction models regress v = sqrt(abar) tau - sqrt(1 - abar) x0.
 """
 
 from __future__ import annotations
@@ -154,21 +154,29 @@ def _target(models: StepModels, tau: torch.Tensor, x0: torch.Tensor, abar: torch
 
 
 def _invert(models: StepModels, x0, cond, t, gen, device):
-    """ReNoise inversion to exactly t (or the official grid level below), by the reference or the policy."""
+    """ReNoise inversion to exactly t, or the official loop (which stops at a grid level, not at t), by the
+    reference or the policy."""
+    from smpo_cli.inversion.official import OFFICIAL_MODES, InverseSchedulerConfig, official_invert
     from smpo_cli.inversion.renoise import renoise_invert
 
     inv = models.recipe.inversion
-    mode = "official" if inv.timestep_mode == "official" else ("grid" if inv.timestep_mode == "grid" else "exact")
     if inv.model == "policy":
         ctx, unet = contextlib.nullcontext(), models.raw_unet
     else:
         ctx, unet = models.reference()
     with ctx, models.autocast():
-        out = renoise_invert(unet, x0, cond, t.to(x0.device), schedule=models.schedule, grid=models.grid,
-                             mode=mode, renoise_iterations=inv.renoise_iterations, average_window=inv.average_window,
-                             first_prediction=inv.first_prediction, generator=gen)  # fmt: skip
+        if inv.timestep_mode in OFFICIAL_MODES:
+            out = official_invert(unet, x0, cond, t.to(x0.device), schedule=models.schedule,
+                                  config=InverseSchedulerConfig.from_scheduler(models.comps.scheduler),
+                                  num_steps=inv.num_steps, semantics=OFFICIAL_MODES[inv.timestep_mode],
+                                  renoise_iterations=inv.renoise_iterations, average_window=inv.average_window)  # fmt: skip
+        else:
+            out = renoise_invert(unet, x0, cond, t.to(x0.device), schedule=models.schedule, grid=models.grid,
+                                 mode=inv.timestep_mode, renoise_iterations=inv.renoise_iterations,
+                                 average_window=inv.average_window, first_prediction=inv.first_prediction,
+                                 generator=gen)  # fmt: skip
     abar_t = models.schedule.abar(t).to(device)
-    tau = implied_noise(out.latents, x0, abar_t)  # official mode: x at a lower level, abar at t (the bug)
+    tau = implied_noise(out.latents, x0, abar_t)  # official modes: x at a grid level, abar at t (the bug)
     return out.latents, tau, out.unet_calls
 
 

@@ -24,6 +24,7 @@ from smpo_cli.benchmark.geneval_detector import (
     resized_shape,
     tiny_mask2former,
 )
+from smpo_cli.benchmark.geneval_rules import Rules, keep_detections
 from smpo_cli.errors import AssetNotFoundError, DataError, ModelLoadError, UsageError
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -125,14 +126,17 @@ def test_postprocess_scores_boxes_order_and_topk():
     probs = torch.softmax(cls.double(), -1).numpy()
     # the 4 best (query, class) pairs by class prob: (2, person), (0, person), (1, car), (0, dog)
     assert sum(len(v) for v in dets.values()) == 4
+    # in top-k (class prob) order, as mmdet's per-class arrays; the rules rank them by detection score
     person = dets["person"]
     assert [d.index for d in person] == [0, 1]
-    assert person[0].score == pytest.approx(probs[0, 0] * _sigmoid(2.0), rel=1e-5)  # best-first by det score
-    assert person[1].score == pytest.approx(probs[2, 0] * _sigmoid(0.5), rel=1e-5)
-    assert probs[2, 0] > probs[0, 0] and person[0].score > person[1].score
-    assert person[0].box == (2.0, 1.0, 6.0, 4.0)  # x2 = last column + 1, y2 = last row + 1
-    assert person[1].box == (0.0, 5.0, 1.0, 8.0)
-    assert person[0].mask.dtype == bool and person[0].mask.shape == (8, 8) and person[0].mask.sum() == 12
+    assert person[0].score == pytest.approx(probs[2, 0] * _sigmoid(0.5), rel=1e-5)  # query 2: best class prob
+    assert person[1].score == pytest.approx(probs[0, 0] * _sigmoid(2.0), rel=1e-5)
+    assert probs[2, 0] > probs[0, 0] and person[1].score > person[0].score
+    ranked = keep_detections(person, 0.0, Rules())
+    assert [d.index for d in ranked] == [1, 0]  # best-first by detection score
+    assert person[1].box == (2.0, 1.0, 6.0, 4.0)  # x2 = last column + 1, y2 = last row + 1
+    assert person[0].box == (0.0, 5.0, 1.0, 8.0)
+    assert person[1].mask.dtype == bool and person[1].mask.shape == (8, 8) and person[1].mask.sum() == 12
     assert dets["dog"][0].score == pytest.approx(probs[0, 16] * _sigmoid(2.0), rel=1e-5)
     assert dets["car"][0].score == 0.0 and dets["car"][0].box == (0.0, 0.0, 0.0, 0.0)
     assert not dets["car"][0].mask.any()
@@ -200,7 +204,6 @@ def test_tiny_model_round_trip(tiny_detector):
         assert sum(len(v) for v in dets.values()) == 100  # 10 queries x 80 classes -> top 100
         for found in dets.values():
             assert [d.index for d in found] == list(range(len(found)))
-            assert [d.score for d in found] == sorted((d.score for d in found), reverse=True)
             for d in found:
                 assert 0.0 <= d.score <= 1.0
                 assert d.mask.shape == (image.height, image.width) and d.mask.dtype == bool
@@ -276,9 +279,10 @@ def test_mmdet_results_become_detections():
     segm[2] = [m0, m1]
     dets = detections_from_mmdet_result(bbox, segm)
     assert set(dets) == set(GENEVAL_CLASS_NAMES)
-    car = dets["car"]
-    assert [(d.score, d.index) for d in car] == [(pytest.approx(0.9), 0), (pytest.approx(0.4), 1)]
-    assert car[0].box == (0.0, 0.0, 3.0, 3.0) and car[0].mask.all() and not car[1].mask.any()
+    car = dets["car"]  # in the array's order; the rules rank them as the official evaluator
+    assert [(d.score, d.index) for d in car] == [(pytest.approx(0.4), 0), (pytest.approx(0.9), 1)]
+    assert car[1].box == (0.0, 0.0, 3.0, 3.0) and car[1].mask.all() and not car[0].mask.any()
+    assert [d.index for d in keep_detections(car, 0.3, Rules())] == [1, 0]
     assert all(not v for n, v in dets.items() if n != "car")
     assert detections_from_mmdet_result(bbox, None)["car"][0].mask is None
     with pytest.raises(DataError, match="79 classes"):
@@ -300,8 +304,8 @@ def test_mmdet3_results_split_per_class():
                      scores=torch.tensor([0.5, 0.6, 0.7]), masks=torch.zeros(3, 2, 2, dtype=torch.bool))  # fmt: skip
     bbox, segm = _split_mmdet3(SimpleNamespace(pred_instances=inst), 80)
     dets = detections_from_mmdet_result(bbox, segm)
-    assert [d.score for d in dets["motorcycle"]] == pytest.approx([0.7, 0.5])
-    assert dets["motorcycle"][0].box == (8.0, 9.0, 10.0, 11.0) and len(dets["person"]) == 1
+    assert [d.score for d in dets["motorcycle"]] == pytest.approx([0.5, 0.7])
+    assert dets["motorcycle"][1].box == (8.0, 9.0, 10.0, 11.0) and len(dets["person"]) == 1
 
 
 def test_load_detector_backends(monkeypatch, tiny_path):

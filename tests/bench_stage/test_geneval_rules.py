@@ -1,8 +1,16 @@
 """GenEval's rules on hand-made detections: every task and the edge cases."""
 
+import numpy as np
 import pytest
 
-from smpo_cli.benchmark.geneval_rules import Detection, Rules, evaluate_image, relations, summarize
+from smpo_cli.benchmark.geneval_rules import (
+    Detection,
+    Rules,
+    evaluate_image,
+    official_ranking,
+    relations,
+    summarize,
+)
 
 
 def det(x1, y1, x2, y2, score=0.95, index=0):
@@ -135,3 +143,67 @@ def test_position_reports_the_first_failing_pair_only():
     dets = {"dog": [det(50, 0, 60, 10), det(80, 0, 90, 10, 0.9)], "cup": [det(0, 0, 10, 10)]}
     v = evaluate_image(meta, dets)
     assert not v.correct and v.reason == "expected cup right of target, found left of target"
+
+
+# ------------------------------------------------------------------ parity with evaluate_images.py (issue 14)
+
+
+def test_threshold_is_compared_in_float32():
+    """The official code compares mmdet's float32 scores with the threshold in float32: a score of exactly
+    float32(0.3) (0.30000001..., above 0.3 in float64) is dropped; the next float32 up is kept."""
+    meta = {"tag": "single_object", "include": [{"class": "cup", "count": 1}]}
+    at = float(np.float32(0.3))
+    assert at > 0.3
+    assert not evaluate_image(meta, {"cup": [det(0, 0, 5, 5, at)]}).correct
+    assert evaluate_image(meta, {"cup": [det(0, 0, 5, 5, float(np.nextafter(np.float32(0.3), np.float32(1))))]}).correct
+    counting = {"tag": "counting", "include": [{"class": "cup", "count": 1}]}
+    assert not evaluate_image(counting, {"cup": [det(0, 0, 5, 5, float(np.float32(0.9)))]}).correct
+
+
+# np.argsort(scores)[::-1] under numpy 1.23.5 (the series GenEval's environment.yml pins, 1.23.1), recorded with
+# `pip install --target /tmp/np123 --no-deps numpy==1.23.5` and PYTHONPATH=/tmp/np123.
+FORTY = [((i * 7) % 5) / 10 for i in range(40)]
+FORTY_RANKED = [37, 2, 7, 32, 12, 17, 22, 27, 39, 24, 4, 9, 14, 19, 29, 34, 31, 11, 26, 16, 36, 1, 21, 6, 18, 38, 3,
+                13, 28, 33, 8, 23, 5, 35, 25, 10, 30, 15, 20, 0]  # fmt: skip
+# a median-of-3 adversary (McIlroy's antiqsort) with ties: numpy's introsort falls back to heapsort on it
+ADVERSARY = [0, 23, 1, 22, 2, 22, 3, 21, 4, 21, 5, 20, 6, 20, 7, 19, 8, 19, 9, 18, 10, 11, 24, 23, 0, 1, 2, 3, 4, 5, 6,
+             7, 8, 9, 10, 18, 17, 17, 16, 16, 15, 15, 14, 14, 13, 13, 12, 12, 24, 11]  # fmt: skip
+ADVERSARY_RANKED = [22, 48, 23, 1, 3, 5, 9, 7, 11, 13, 15, 17, 19, 35, 37, 36, 38, 39, 40, 41, 42, 43, 44, 45, 47, 46,
+                    49, 21, 34, 20, 33, 18, 32, 16, 31, 14, 30, 12, 29, 10, 28, 8, 27, 6, 26, 4, 25, 2, 24, 0]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "scores, ranked",
+    [
+        ([0.5, 0.5], [1, 0]),  # a two-way tie: the later detection first
+        ([0.9, 0.4, 0.9, 0.2, 0.9], [4, 2, 0, 1, 3]),
+        (FORTY, FORTY_RANKED),  # more than 16: quicksort partitions, not the stable insertion sort
+        (ADVERSARY, ADVERSARY_RANKED),
+        ([], []),
+        ([0.7], [0]),
+    ],
+)
+def test_ties_are_ranked_as_numpy_123_argsort(scores, ranked):
+    assert official_ranking(scores) == ranked
+
+
+def test_equal_scores_keep_the_officially_first_detection():
+    """Which of two equal-score cups is kept (max_objects) and coloured is the one numpy 1.23 ranks first:
+    the later one in the detector's order, where a stable sort kept the earlier."""
+    meta = {"tag": "colors", "include": [{"class": "cup", "count": 1, "color": "red"}]}
+    colours = {0: "blue", 1: "red"}
+    dets = [det(0, 0, 5, 5, 0.8, index=0), det(10, 10, 20, 20, 0.8, index=1)]
+    v = evaluate_image(meta, {"cup": dets}, lambda cls, d: colours[d.index])
+    assert v.correct and [d.index for d in v.kept["cup"]] == [1, 0]
+    one = evaluate_image(meta, {"cup": dets}, lambda cls, d: colours[d.index], Rules(max_objects=1))
+    assert [d.index for d in one.kept["cup"]] == [1]
+
+
+def test_position_margin_uses_absolute_box_sizes():
+    """A box given with x2 < x1 has a negative signed width; the official margin uses |x2 - x1|."""
+    # centres 5 and 9 on x, widths 10 + 10: margin 2, shrunk offset 2 / 4 = 0.5 -> not "left of"
+    assert relations((0, 0, 10, 10), (4, 0, 14, 10), 0.1) == set()
+    # the same boxes with a's corners swapped: a signed width of -10 gave margin 0 and "left of"
+    assert relations((10, 10, 0, 0), (4, 0, 14, 10), 0.1) == set()
+    assert relations((10, 0, 0, 10), (14, 0, 4, 10), 0.1) == set()
+    assert relations((10, 0, 0, 10), (25, 0, 15, 10), 0.1) == {"left of"}

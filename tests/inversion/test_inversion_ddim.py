@@ -1,4 +1,4 @@
-"""Plain DDIM inversion on the tiny SD1.5 UNet: diffusers parity, exact t, batching, official mode."""
+"""Plain DDIM inversion on the tiny SD1.5 UNet: diffusers parity, exact t, batching, below mode."""
 
 from __future__ import annotations
 
@@ -113,10 +113,10 @@ def test_per_sample_t_in_one_batch_equals_one_at_a_time(setup, count_rows):
         torch.testing.assert_close(batched.latents[b : b + 1], single.latents, rtol=1e-4, atol=1e-5)
 
 
-def test_official_mode_lands_on_the_grid_level_below_t(setup):
+def test_below_mode_lands_on_the_grid_level_below_t(setup):
     unet, x0, cond, schedule = setup
     t = torch.tensor([300, 150, 999, 400])
-    res = ddim_invert(unet, x0, cond, t, schedule=schedule, mode="official")
+    res = ddim_invert(unet, x0, cond, t, schedule=schedule, mode="below")
     assert res.timesteps.tolist() == [199, CLEAN, 799, 399]
     assert res.abar[1].item() == 1.0
     torch.testing.assert_close(res.latents[1], x0[1])  # no grid level below 150: still clean

@@ -138,11 +138,11 @@ def test_inversion_paths():
     assert inversion_path(399, grid, "grid") == [CLEAN, 199, 399]
     with pytest.raises(UsageError, match="not a level"):
         inversion_path(300, grid, "grid")
-    # official: the last grid level strictly below t
-    assert inversion_path(300, grid, "official") == [CLEAN, 199]
-    assert inversion_path(399, grid, "official") == [CLEAN, 199]
-    assert inversion_path(400, grid, "official") == [CLEAN, 199, 399]
-    assert inversion_path(150, grid, "official") == [CLEAN]
+    # below: the last grid level strictly below t
+    assert inversion_path(300, grid, "below") == [CLEAN, 199]
+    assert inversion_path(399, grid, "below") == [CLEAN, 199]
+    assert inversion_path(400, grid, "below") == [CLEAN, 199, 399]
+    assert inversion_path(150, grid, "below") == [CLEAN]
     with pytest.raises(UsageError):
         inversion_path(300, grid, "nearest")
 

@@ -110,7 +110,15 @@ def test_resolve_file(tmp_path):
 
 
 def test_registry_names_and_official_sources():
-    assert available_rewards() == ("pickscore", "hpsv2", "imagereward", "aesthetic", "clip", "shapes-judge")
+    assert available_rewards() == (
+        "pickscore",
+        "hpsv2",
+        "hpsv3",
+        "imagereward",
+        "aesthetic",
+        "clip",
+        "shapes-judge",
+    )
     assert set(TINY_NAMES) == set(REWARDS) - {"shapes-judge"}  # the judge has no weights to make tiny
     assert REWARDS["pickscore"].default_source == "yuvalkirstain/PickScore_v1"
     assert REWARDS["hpsv2"].default_source == "xswu/HPSv2"
@@ -194,3 +202,13 @@ def test_tiny_reward_path_builds_into_the_cache(smpo_cache):
 def test_tiny_unknown_name():
     with pytest.raises(UsageError):
         build_tiny_reward("nope", "/tmp/never-written")
+
+
+def test_every_registered_reward_has_a_report_output():
+    """smpo bench rewards reports each reward in its papers' units: a new reward without one would crash it."""
+    from smpo_cli.benchmark.metrics import REPORT_OUTPUT
+    from smpo_cli.rewards import REWARDS
+
+    assert set(REWARDS) <= set(REPORT_OUTPUT)
+    for name, (output, units) in REPORT_OUTPUT.items():
+        assert output in REWARDS[name].outputs and units

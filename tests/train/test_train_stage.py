@@ -98,8 +98,24 @@ def test_p_one_half_changes_no_weight(scored, tmp_path):
 def test_dpo_and_sft(scored, tmp_path):
     dpo = train("tiny_dpo_cpu", scored, tmp_path / "dpo", "train.max_steps=1")
     assert dpo.steps == 1 and dpo.unet_calls_per_step == 2 * 2  # policy + reference, 2 micro-batches
+    # Diffusion-DPO orders pairs by the human label (its paper's labels); the run summary says so
+    assert (dpo.labels, dpo.label_column) == ("human", "label")
+    summary = json.loads((tmp_path / "dpo" / "run.json").read_text())["result"]
+    assert (summary["labels"], summary["label_column"]) == ("human", "label")
+    assert "labels: human" in (tmp_path / "dpo" / "recipe.resolved.yaml").read_text()
+    reward = train("tiny_dpo_cpu", scored, tmp_path / "dpo-reward", "train.max_steps=1", "data.labels=reward")
+    assert (reward.labels, reward.label_column) == ("reward", "pickscore_winner")
     sft = train("tiny_dpo_cpu", scored, tmp_path / "sft", "train.max_steps=1", "method.name=sft")
     assert sft.steps == 1 and sft.unet_calls_per_step == 2
+
+
+@pytest.mark.parametrize("mode", ["official", "official_0_22"])
+def test_official_inversion_modes_train(scored, tmp_path, mode):
+    """The official loop (smpo_cli.inversion.official) inside a training step: its 5-entry grid, 2 UNet calls
+    per inverse step (at most 5 steps), then policy + reference."""
+    result = train("tiny_smpo_cpu", scored, tmp_path / mode, "train.max_steps=1", f"inversion.timestep_mode={mode}")
+    assert result.steps == 1 and 0 < result.final_loss < 10
+    assert 2 * 2 < result.unet_calls_per_step <= 2 * (5 * 2 + 2)
 
 
 def test_lora_saves_diffusers_lora_weights(scored, tmp_path):
@@ -202,9 +218,11 @@ def test_v_prediction_model_trains(scored, tmp_path):
 
 
 # Regenerate: SMPO_PRINT_GOLDEN=1 pytest tests/train -k golden -s  (and paste the printed lists here).
-# "mean" is the posterior-mean ablation: it draws no latent noise, so it keeps the losses recorded before
-# training switched to posterior samples, which pins that the switch changed nothing else.
-GOLDEN_DPO_LOSSES = {"sample": [0.693147, 0.704043, 0.708684], "mean": [0.693147, 0.694802, 0.69197]}
+# "mean" is the posterior-mean ablation: it draws no latent noise (the switch to posterior samples left it as
+# it was). Both lists changed when Diffusion-DPO moved to its paper's human labels (data.labels=human, issue
+# 14); with data.labels=reward the run still gives the earlier lists, sample [0.693147, 0.704043, 0.708684]
+# and mean [0.693147, 0.694802, 0.69197] (within 1e-4).
+GOLDEN_DPO_LOSSES = {"sample": [0.693147, 0.713951, 0.695293], "mean": [0.693147, 0.693526, 0.687598]}
 
 
 @pytest.mark.parametrize("latents", ["sample", "mean"])

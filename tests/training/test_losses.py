@@ -104,11 +104,26 @@ def test_sign_conventions():
     assert bool((pred_w.grad > 0).all())  # pred_w - target > 0, so descent lowers it towards 0
 
 
-def test_exact_tie_counts_half():
+def test_exact_tie_counts_zero_as_the_official_code():
     x = torch.ones(2, 1, 2, 2)
     out = diffusion_dpo_loss(x, x, x, x, torch.zeros_like(x), torch.zeros_like(x), beta=5000.0)
-    assert out.implicit_acc.item() == 0.5
+    assert out.implicit_acc.item() == 0.0  # official: (inside_term > 0).sum() / n
     assert out.per_pair_loss.tolist() == pytest.approx([LOG2, LOG2])
+
+
+def test_implicit_accuracy_is_the_official_inside_positive_per_pair():
+    """implicit_acc = mean over pairs of (inside > 0): a p = 0.5 pair counts 0 whatever the model does, and a
+    pair whose p < 0.5 counts when the model moved towards the *loser* (the reward's preferred image)."""
+    a = hand_pair()  # d_w - d_l = -4: the model moved towards the winner
+    batch = [torch.cat([x] * 3) for x in a]
+    out = smpo_loss(*batch, beta=1.0, gamma=1.0, p=torch.tensor([0.9, 0.5, 0.2]))
+    assert out.inside.tolist() == pytest.approx([1.6, 0.0, -1.2])
+    assert out.implicit_acc.item() == pytest.approx(1 / 3)
+    swapped = [torch.cat([x] * 2) for x in (a[1], a[0], a[3], a[2], a[5], a[4])]  # d_w - d_l = +4
+    out = smpo_loss(*swapped, beta=1.0, gamma=1.0, p=torch.tensor([0.2, 0.5]))
+    assert out.inside.tolist() == pytest.approx([1.2, 0.0]) and out.implicit_acc.item() == 0.5
+    dpo = diffusion_dpo_loss(*[torch.cat([x, y[:1]]) for x, y in zip(a, swapped, strict=True)], beta=1.0)
+    assert dpo.inside.tolist() == pytest.approx([2.0, -2.0]) and dpo.implicit_acc.item() == 0.5
 
 
 def test_smpo_closed_form_hand_pair():
