@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from smpo_cli.errors import AssetNotFoundError
+from smpo_cli.errors import AssetNotFoundError, UsageError
 from smpo_cli.utils.atomic import atomic_path
 
 CHECKPOINTS = "checkpoints"
@@ -46,6 +46,44 @@ def save_checkpoint(output_dir, step: int, trainable: dict[str, torch.Tensor], o
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+# recipe keys a resumed run may change: they do not alter what the steps already taken computed
+# (train.max_steps extends or shortens the run; with a linear/cosine schedule the rest of it stretches)
+RESUME_SAFE = ("output_dir", "device", "train.max_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
+               "train.resume", "train.max_nonfinite_steps", "data.num_workers", "logging.")  # fmt: skip
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_settings(recipe) -> dict[str, Any]:
+    """The recipe's keys a checkpoint records and a resume must match (everything but ``RESUME_SAFE``)."""
+    flat = _flat(recipe.model_dump(mode="json"))
+    return {k: v for k, v in flat.items() if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE)}
+
+
+def check_resume_settings(saved: dict[str, Any] | None, recipe, checkpoint: Path) -> None:
+    """Refuse to continue a checkpoint with other settings (method, lr, data, ...): the result would be neither run."""
+    if saved is None:  # a checkpoint written before smpo recorded its settings
+        return
+    now = resume_settings(recipe)
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if changed:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+        raise UsageError(
+            f"train.resume: {checkpoint} was made with other settings: {shown}{more}",
+            hint="resume with the settings it was made with (only train.max_steps, checkpointing, logging, "
+            "data.num_workers and device may change), or start afresh: --overwrite or another output_dir",
+        )
 
 
 def resolve_resume(output_dir, resume: str | None) -> Path | None:

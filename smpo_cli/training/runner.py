@@ -19,7 +19,13 @@ import torch
 
 from smpo_cli.config.schema import TrainRecipe
 from smpo_cli.errors import DataError, SmpoError, UsageError
-from smpo_cli.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from smpo_cli.training.checkpoint import (
+    check_resume_settings,
+    load_checkpoint,
+    resolve_resume,
+    resume_settings,
+    save_checkpoint,
+)
 from smpo_cli.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -142,6 +148,7 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         st = ck["state"]
+        check_resume_settings(st.get("settings"), r, resume_from)
         start_step, micro_done = st["step"], st["micro_batches"]
         skipped_total, nonfinite = st.get("skipped_pairs", 0), st.get("nonfinite_steps", 0)
         logger.info("resuming from %s (step %d)", resume_from, start_step)
@@ -253,7 +260,8 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                 if accelerator.is_main_process:
                     save_checkpoint(out_dir, step, _trainable_state(raw_unet, t.lora_rank is not None), optimizer,
                                     scheduler, {"micro_batches": micro_done, "skipped_pairs": skipped_total,
-                                                "nonfinite_steps": nonfinite}, t.keep_checkpoints)  # fmt: skip
+                                                "nonfinite_steps": nonfinite, "settings": resume_settings(r)},
+                                    t.keep_checkpoints)  # fmt: skip
     seconds = time.perf_counter() - t0
     checksum = _checksum(p for p in raw_unet.parameters() if p.requires_grad)
     sums_all = accelerator.gather(torch.tensor([checksum], dtype=torch.float64, device=device))

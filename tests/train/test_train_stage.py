@@ -154,6 +154,19 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(scored, tmp_
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
 
 
+def test_a_resume_with_other_settings_is_refused_but_more_steps_are_fine(scored, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["-q", "train", "--recipe", "tiny_smpo_cpu", "-o", str(out), f"data.path={scored}", "train.max_steps=2",
+            "train.checkpoint_every_steps=1", "inversion.source=none"]  # fmt: skip
+    assert run(args) == 0
+    capsys.readouterr()
+    assert run([*args, "train.resume=auto", "train.max_steps=4", "optim.lr=1e-5"]) == 2  # other lr: refused
+    err = capsys.readouterr().err
+    assert "made with other settings: optim.lr: 1e-06 -> 1e-05" in err and "Traceback" not in err
+    assert run([*args, "train.resume=auto", "train.max_steps=4"]) == 0  # train longer: allowed
+    assert json.loads((out / "run.json").read_text())["result"]["resumed_from"] == 2
+
+
 def test_sigkill_then_resume_matches_uninterrupted(scored, tmp_path):
     """On CPU in fp32, a run killed with SIGKILL and resumed ends with identical weights."""
     args = ["--recipe", "tiny_smpo_cpu", f"data.path={scored}", "train.max_steps=6", "train.checkpoint_every_steps=2"]
