@@ -1,11 +1,19 @@
 """Progress where stderr is not a terminal: plain lines every SMPO_PROGRESS_EVERY seconds, and the last one."""
 
+import pytest
+
 from smpo_cli.utils import progress
+
+
+@pytest.fixture(autouse=True)
+def _enabled(monkeypatch):
+    """Progress on (an earlier `smpo -q` in this process turns it off), stderr captured (not a terminal)."""
+    monkeypatch.setattr(progress, "_enabled", True)
+    monkeypatch.delenv("SMPO_NO_PROGRESS", raising=False)
 
 
 def test_progress_writes_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
     monkeypatch.setenv("SMPO_PROGRESS_EVERY", "0")
-    monkeypatch.delenv("SMPO_NO_PROGRESS", raising=False)
     with progress.make_progress() as bar:  # pytest's captured stderr is not a terminal
         assert isinstance(bar, progress.LineProgress)
         task = bar.add_task("generate", total=4)
