@@ -1,4 +1,5 @@
-"""SmPO vs Diffusion-DPO on the miscaptioned shapes model, with pairs made by `smpo pairs` and a learned reward.
+"""SmPO vs Diffusion-DPO on the miscaptioned shapes model (frozen CLIP text encoder), with pairs made by `smpo pairs`
+and a learned reward.
 
 1. ``smpo pairs``: ``images`` samples per training caption from ``shapes-sd15-miscaptioned`` (captions with
    uniform skills), scored by ``shapes-pickscore`` (the learned reward, its own cosine range), best vs worst;
@@ -29,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes_controls import generate, judged, smpo, write_captions  # noqa: E402
 
-BASE = "shapes-sd15-miscaptioned"
+BASE = "shapes-sd15-miscaptioned-clip"  # partners stay apart in its frozen text encoder (README)
 ARMS = {  # name: (method, data.reward, binary labels, beta): the paper's SD1.5 temperatures (SmPO gamma 10)
     "smpo": ("smpo", "pickscore", False, 2000.0),
     "smpo_binary": ("smpo", "pickscore", True, 2000.0),

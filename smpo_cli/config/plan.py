@@ -23,6 +23,8 @@ def describe_model_ref(ref: str) -> tuple[str, str]:
         return "ok", "the shapes testbed's base model, shipped with smpo"
     if ref == "shapes-sd15-miscaptioned":
         return "ok", "the shapes testbed's miscaptioned base model (colours named by their partners), shipped with smpo"
+    if ref == "shapes-sd15-miscaptioned-clip":
+        return "ok", "the miscaptioned shapes base with a frozen CLIP-pretrained text encoder, shipped with smpo"
     path = Path(ref).expanduser()
     if path.is_dir():
         return "ok", "local folder"

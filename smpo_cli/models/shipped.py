@@ -6,6 +6,10 @@ made by ``smpo shapes pretrain --recipe shapes_base_cpu`` (see the README's shap
 ``shapes-sd15-miscaptioned``: the same world and sizes, pretrained with 60% of captions naming every colour
 by its partner (``smpo shapes pretrain --recipe shapes_base_miscaptioned_cpu``): the testbed's misaligned base.
 
+``shapes-sd15-miscaptioned-clip``: miscaptioned in the same way, but its text encoder was CLIP-pretrained on
+true captions and frozen while the UNet trained (``--recipe shapes_base_miscaptioned_clip_cpu``), as SD1.5 keeps
+OpenAI's CLIP frozen: the base whose colours fine-tuning the UNet can correct.
+
 ``shapes-pickscore``: the shapes world's PickScore (a ``pickscore`` reward model folder), made by
 ``smpo shapes reward --recipe shapes_pickscore_cpu``.
 """
@@ -18,6 +22,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_MODELS: dict[str, Path] = {
     "shapes-sd15": ASSETS / "shapes-sd15",
     "shapes-sd15-miscaptioned": ASSETS / "shapes-sd15-miscaptioned",
+    "shapes-sd15-miscaptioned-clip": ASSETS / "shapes-sd15-miscaptioned-clip",
 }
 # reward model name -> (registry family, folder)
 SHIPPED_REWARDS: dict[str, tuple[str, Path]] = {"shapes-pickscore": ("pickscore", ASSETS / "shapes-pickscore")}

@@ -149,7 +149,7 @@ def test_colour_swap_miscaptions_the_text_and_keeps_the_images(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("model", "partners_apart"), [("shapes-sd15", True), ("shapes-sd15-miscaptioned", False)]
+    ("model", "partners_apart"), [("shapes-sd15", True), ("shapes-sd15-miscaptioned", False), ("shapes-sd15-miscaptioned-clip", True)]
 )
 def test_the_jointly_trained_text_encoder_separates_only_what_its_captions_separate(model, partners_apart):
     """Why fine-tuning the UNet cannot fix the miscaptioned model's colours (README, positive controls).
