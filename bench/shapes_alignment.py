@@ -1,8 +1,8 @@
 """SmPO vs Diffusion-DPO on the miscaptioned shapes model (frozen CLIP text encoder), with pairs made by `smpo pairs`
 and a learned reward.
 
-1. ``smpo pairs``: ``images`` samples per training caption from ``shapes-sd15-miscaptioned`` (captions with
-   uniform skills), scored by ``shapes-pickscore`` (the learned reward, its own cosine range), best vs worst;
+1. ``smpo pairs``: ``images`` samples per training caption from ``shapes-sd15-miscaptioned-clip`` (captions
+   with uniform skills), scored by ``shapes-pickscore`` (the learned reward, its own cosine range), best vs worst;
 2. each pair also gets one simulated annotator's vote (``shapes.annotators``, read off the judge), the
    "human label" Diffusion-DPO trains on, written as the ``votes_winner`` / ``votes_p`` columns;
 3. ``smpo train`` for each arm, same pairs, steps, batch and learning rate:
