@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     ap.add_argument("--uniform-skills", action="store_true",
                     help="sample the pool's captions with uniform skills (default: weighted toward binding and position)")
+    ap.add_argument("--skills", default=None,
+                    help="the pool's skill weights, e.g. colors=0.5,counting=0.25,color_attr=0.25 (overrides the default)")
     args = ap.parse_args()
     from PIL import Image
 
@@ -99,7 +101,10 @@ def main() -> None:
     started = time.perf_counter()
     train, _ = split_captions(0)
     rng = np.random.default_rng(5)
-    pool = sample_captions(rng, pool_captions, pool=train, skill_weights=None if args.uniform_skills else SKILL_WEIGHTS)
+    weights = None if args.uniform_skills else SKILL_WEIGHTS
+    if args.skills:
+        weights = {k: float(v) for k, v in (item.split("=") for item in args.skills.split(","))}
+    pool = sample_captions(rng, pool_captions, pool=train, skill_weights=weights)
     geneval = [c for c in train if c.geneval_form]
     fixed = [c for c in geneval if c.skill != "color_attr"]
     binding = [c for c in geneval if c.skill == "color_attr"]
