@@ -433,6 +433,15 @@ class SamplingSpec(Block):
     negative_prompt: str | None = Field(None)
     batch_size: PositiveInt = Field(4, description="Images per forward pass: the fixed batches a resume redraws whole (another size changes pixels by float rounding only).")
 
+    @model_validator(mode="after")
+    def _size(self) -> SamplingSpec:
+        # SD1.5/SDXL pipelines need sides divisible by 8 (the VAE's factor): say so before any weight loads
+        for key in ("height", "width"):
+            value = getattr(self, key)
+            if value is not None and value % 8:
+                raise ValueError(f"sampling.{key}={value} must be a multiple of 8 (e.g. {value - value % 8 or 8} or {value - value % 8 + 8})")
+        return self
+
 
 class GenerateRecipe(Block):
     """``smpo generate``: images for a prompt set, deterministic per (prompt, sample index)."""

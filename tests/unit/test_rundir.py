@@ -116,3 +116,11 @@ def test_an_empty_prompts_file_is_an_error_not_zero_images(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n\n")
     assert run(["generate", "-o", str(tmp_path / "g"), "--model", "tiny-sd15", "--prompts", str(tmp_path / "empty.txt")]) == 1
     assert "holds no prompts" in capsys.readouterr().err
+
+
+def test_a_size_the_pipeline_cannot_make_fails_before_any_weight_loads(tmp_path, capsys):
+    from smpo_cli.cli.main import run
+
+    assert run(["generate", "-o", str(tmp_path / "g"), "--model", "no/such-model", "--prompts", "x.txt",
+                "sampling.height=33", "--dry-run"]) == 2  # fmt: skip
+    assert "sampling.height=33 must be a multiple of 8 (e.g. 32 or 40)" in capsys.readouterr().err
