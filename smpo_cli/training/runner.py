@@ -166,7 +166,7 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
     if accelerator.is_main_process:
         kept = []
         if metrics_path.exists():  # a resumed run keeps the steps before its checkpoint
-            kept = [x for x in metrics_path.read_text().splitlines() if x and json.loads(x)["step"] <= start_step]
+            kept = [x for x in metrics_path.read_text(errors="replace").splitlines() if _step_of(x) <= start_step]
         metrics_path.write_text("".join(k + "\n" for k in kept))
         if trackers:
             accelerator.init_trackers("smpo", config=r.model_dump(mode="json"))
@@ -289,6 +289,14 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         skipped_pairs=skipped_total, nonfinite_steps=nonfinite, model_path=model_path, ranks_in_sync=in_sync,
         trainable_checksum=checksum, seconds=round(time.perf_counter() - started, 3), metrics=history,
     )  # fmt: skip
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn line (a kill or a full disk mid-write) counts as after every step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _trainable_state(unet, lora: bool) -> dict[str, torch.Tensor]:

@@ -167,6 +167,19 @@ def test_a_resume_with_other_settings_is_refused_but_more_steps_are_fine(scored,
     assert json.loads((out / "run.json").read_text())["result"]["resumed_from"] == 2
 
 
+def test_a_torn_metrics_line_does_not_block_the_resume(scored, tmp_path):
+    out = tmp_path / "run"
+    args = ["-q", "train", "--recipe", "tiny_smpo_cpu", "-o", str(out), f"data.path={scored}", "train.max_steps=2",
+            "train.checkpoint_every_steps=1", "inversion.source=none"]  # fmt: skip
+    assert run(args) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # the disk filled mid-line
+    assert run([*args, "train.resume=auto", "train.max_steps=3"]) == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 3]  # the torn line is dropped (its step's numbers are lost), training resumes at 2
+    assert json.loads((out / "run.json").read_text())["result"]["resumed_from"] == 2
+
+
 def test_sigkill_then_resume_matches_uninterrupted(scored, tmp_path):
     """On CPU in fp32, a run killed with SIGKILL and resumed ends with identical weights."""
     args = ["--recipe", "tiny_smpo_cpu", f"data.path={scored}", "train.max_steps=6", "train.checkpoint_every_steps=2"]
