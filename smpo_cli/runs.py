@@ -43,7 +43,10 @@ def execute(
         raise
     except BaseException as exc:
         if main:
-            rundir.finish("failed", error=f"{type(exc).__name__}: {exc}")
+            try:
+                rundir.finish("failed", error=f"{type(exc).__name__}: {exc}")
+            except OSError:  # a full disk: run.json may not be writable either; the error still surfaces
+                pass
         raise
     if main:
         rundir.finish("success", result=result.to_dict() if hasattr(result, "to_dict") else None)

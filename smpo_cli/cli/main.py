@@ -144,6 +144,21 @@ def normalise_argv(argv: list[str]) -> list[str]:
     return moved + head + tail
 
 
+def _disk_full(exc: BaseException) -> str | None:
+    """`` (writing PATH)`` when ``exc`` or its causes say the disk is full, else None. torch's writers report it
+    as "unexpected pos", safetensors and the rest as OSError ENOSPC."""
+    import errno
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return f" (writing {seen.filename})" if seen.filename else ""
+        if "No space left on device" in str(seen) or "unexpected pos" in str(seen):
+            return ""
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (``main`` exits with it; tests call this)."""
     try:
@@ -177,6 +192,12 @@ def run(argv: list[str] | None = None) -> int:
             return int(exc.exit_code)  # type: ignore[attr-defined]
         if debug_enabled():
             raise
+        full = _disk_full(exc)
+        if full is not None:
+            print_error(f"no space left on the device{full}",
+                        "free some space and rerun the same command: the run resumes where it stopped",
+                        debug_tip=False)  # fmt: skip
+            return 1
         first_line = (str(exc).strip().splitlines() or [""])[0]
         print_error(
             f"{type(exc).__name__}: {first_line}",

@@ -176,3 +176,25 @@ def test_only_cli_imports_typer():
     ]
     assert offenders == []
     assert not any("import click" in p.read_text() for p in root.rglob("*.py"))
+
+
+def test_a_full_disk_says_so_and_that_the_run_resumes(monkeypatch, capsys):
+    import errno
+
+    from smpo_cli.cli.main import _disk_full
+    from smpo_cli.utils import envinfo
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/run/images/00001_00.png")
+
+    monkeypatch.setattr(envinfo, "collect_env", full)
+    assert run(["env"]) == 1
+    err = capsys.readouterr().err
+    assert "no space left on the device (writing /data/run/images/00001_00.png)" in err
+    assert "resumes where it stopped" in err and "unexpected" not in err
+    assert _disk_full(RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")) == ""
+    assert _disk_full(ValueError("other")) is None
+    try:
+        raise RuntimeError("write failed") from OSError(errno.ENOSPC, "No space left on device", "/y")
+    except RuntimeError as exc:
+        assert _disk_full(exc) == " (writing /y)"
