@@ -19,6 +19,7 @@ naming the component and file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pickle
@@ -316,11 +317,28 @@ def _hub_problem(
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """One TCP connection to the Hub's host (3 s timeout): without it huggingface_hub retries for ~30 s per file
+    before saying the Hub cannot be reached; unreachable, loads go straight to the local cache."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
 def _hub_download(repo_id: str, filename: str, *, revision: str | None, offline: bool, what: str) -> str:
     from huggingface_hub import hf_hub_download
 
     try:
-        return hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline)
+        return hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline or not hub_reachable())
     except Exception as exc:  # translated precisely below; anything else re-raised as is
         problem = _hub_problem(exc, repo_id, revision, what, offline)
         if problem is None:
@@ -335,7 +353,8 @@ def _hub_snapshot(
 
     try:
         return Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline)
+            snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                              local_files_only=offline or not hub_reachable())  # fmt: skip
         )
     except Exception as exc:
         problem = _hub_problem(exc, repo_id, revision, what, offline)

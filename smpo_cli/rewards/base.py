@@ -406,9 +406,12 @@ def hf_from_pretrained(loader: Callable[..., Any], source: str, *, what: str, **
     try:
         return loader(str(source), local_files_only=True, **kwargs)
     except OSError as cached_err:
-        if hub_offline():
+        from smpo_cli.models.loading import hub_reachable
+
+        if hub_offline() or not hub_reachable():  # unreachable: fail now, not after ~30 s of retries
+            why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub cannot be reached"
             raise AssetNotFoundError(
-                f"{what}: {source} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+                f"{what}: {source} is not in the local Hugging Face cache and {why}",
                 hint=download_hint(str(source)),
             ) from cached_err
     try:

@@ -411,3 +411,18 @@ def test_empty_tokenizer_folder_is_refused(copy_of):
         f.unlink()
     with pytest.raises(ModelLoadError, match="no tokenizer files"):
         load_components(str(folder))
+
+
+def test_an_unreachable_hub_fails_at_once_not_after_retries(monkeypatch):
+    """Offline, a hub id not in the cache is an error in well under the ~30 s huggingface_hub spends retrying."""
+    import time
+
+    from smpo_cli.errors import AssetNotFoundError
+    from smpo_cli.models import loading
+
+    monkeypatch.setattr(loading, "hub_reachable", lambda: False)
+    monkeypatch.setattr(loading, "_offline", lambda local_files_only: False)  # downloads allowed (the tests set HF_HUB_OFFLINE)
+    started = time.monotonic()
+    with pytest.raises(AssetNotFoundError, match="the Hub cannot be reached"):
+        loading.load_components("made-up-user/not-a-model")
+    assert time.monotonic() - started < 10
