@@ -78,34 +78,29 @@ def _less(a: float, b: float) -> bool:
     return a < b or (b != b and a == a)  # numpy's float order: NaN last
 
 
+def _sift_down(v: list[float], tosort: list[int], base: int, i: int, n: int, tmp: int) -> None:
+    """numpy's aheapsort sift-down of ``tmp`` from heap position ``i`` in a heap of ``n`` (1-based)."""
+    j = i << 1
+    while j <= n:
+        if j < n and _less(v[tosort[base + j]], v[tosort[base + j + 1]]):
+            j += 1
+        if _less(v[tmp], v[tosort[base + j]]):
+            tosort[base + i] = tosort[base + j]
+            i, j = j, j + j
+        else:
+            break
+    tosort[base + i] = tmp
+
+
 def _aheapsort(v: list[float], tosort: list[int], start: int, n: int) -> None:
     base = start - 1  # heap indices are 1-based: a[k] is tosort[base + k]
     for lo in range(n >> 1, 0, -1):
-        tmp = tosort[base + lo]
-        i, j = lo, lo << 1
-        while j <= n:
-            if j < n and _less(v[tosort[base + j]], v[tosort[base + j + 1]]):
-                j += 1
-            if _less(v[tmp], v[tosort[base + j]]):
-                tosort[base + i] = tosort[base + j]
-                i, j = j, j + j
-            else:
-                break
-        tosort[base + i] = tmp
+        _sift_down(v, tosort, base, lo, n, tosort[base + lo])
     while n > 1:
         tmp = tosort[base + n]
         tosort[base + n] = tosort[base + 1]
         n -= 1
-        i, j = 1, 2
-        while j <= n:
-            if j < n and _less(v[tosort[base + j]], v[tosort[base + j + 1]]):
-                j += 1
-            if _less(v[tmp], v[tosort[base + j]]):
-                tosort[base + i] = tosort[base + j]
-                i, j = j, j + j
-            else:
-                break
-        tosort[base + i] = tmp
+        _sift_down(v, tosort, base, 1, n, tmp)
 
 
 def numpy123_argsort(values: Sequence[float]) -> list[int]:

@@ -46,14 +46,6 @@ class RoundsResult:
 
 
 # ------------------------------------------------------------------------------------------ stage recipes
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    *parents, last = dotted.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[last] = value
-
-
 def raw_recipe(spec: RoundStageSpec, stage: str) -> dict[str, Any]:
     """``spec``'s recipe with its overrides applied, not yet validated (the round fills in its keys first)."""
     from smpo_cli.config.loader import migrate, read_yaml, resolve_recipe_path
@@ -71,15 +63,13 @@ def raw_recipe(spec: RoundStageSpec, stage: str) -> dict[str, Any]:
 def stage_recipe(spec: RoundStageSpec, stage: str, forced: dict[str, Any], where: str):
     """``spec``'s recipe with its overrides, then the round's settings ``forced`` (dotted keys), validated."""
     from smpo_cli.config.loader import validate
-    from smpo_cli.config.overrides import parse_overrides
+    from smpo_cli.config.overrides import Override, apply_overrides, parse_overrides
 
     clash = sorted({o.key for o in parse_overrides(spec.overrides)} & set(forced))
     if clash:
         raise RecipeError(f"{where}.overrides sets {', '.join(clash)}, which smpo rounds sets for every round",
                           hint=f"remove it from {where}.overrides (the start model is rounds' model key)")  # fmt: skip
-    data = raw_recipe(spec, stage)
-    for key, value in forced.items():
-        _set(data, key, value)
+    data = apply_overrides(raw_recipe(spec, stage), [Override(k, v, f"{k}={v}") for k, v in forced.items()])
     return validate(data, stage, source=f"(smpo rounds: {where} = {spec.recipe or 'defaults'})")
 
 
@@ -151,25 +141,18 @@ def _same_recipe(folder: Path, recipe) -> bool:
     return path.is_file() and path.read_text(encoding="utf-8") == dump_recipe(recipe)
 
 
-def _finished(folder: Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return manifest.get("result") if manifest.get("status") == "success" else None
-
-
 def _run(stage: str, recipe, core, resume) -> dict[str, Any]:
     """One stage's run folder: kept when finished with the same recipe, resumed when unfinished, else refused."""
     from smpo_cli.config import LoadedRecipe
     from smpo_cli.runs import execute
+    from smpo_cli.utils.rundir import RunDir
 
     folder = Path(recipe.output_dir)
     if folder.exists() and any(folder.iterdir()):
         if not _same_recipe(folder, recipe):
             raise OutputDirError(f"{folder} was made with other settings than this rounds recipe gives it",
                                  hint="rerun with --overwrite (starts every round again) or choose another output_dir")  # fmt: skip
-        done = _finished(folder)
+        done = RunDir(folder).finished_result()
         if done is not None:
             logger.info("%s: finished earlier, kept", folder)
             return done

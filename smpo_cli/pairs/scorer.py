@@ -60,7 +60,6 @@ class ChunkScorer:
         self.dtype = reward_dtype(recipe)
         self._rewards: dict[str, Any] = {}
         self._error: BaseException | None = None
-        self.scored_while_generating = 0
 
     # ------------------------------------------------------------------ layout on disk
     def key(self, spec: PairsRewardSpec) -> dict[str, Any]:
@@ -147,7 +146,6 @@ class ChunkScorer:
                         return
                     time.sleep(POLL_SECONDS)
                 self.score_chunk(c)
-                self.scored_while_generating += 1
         except BaseException as exc:  # re-raised in the main thread by in_background
             self._error = exc
 

@@ -203,7 +203,9 @@ def train_arm(recipe: ShapesBenchRecipe, arm: ShapesMethodSpec, seed: int, out: 
     from smpo_cli.training.runner import run_training
 
     run_dir = out / "runs" / f"{arm.name}-s{seed}"
-    done = _finished(run_dir)
+    from smpo_cli.utils.rundir import RunDir
+
+    done = RunDir(run_dir).finished_result()
     if done is not None:
         return done
     t = recipe.train
@@ -218,16 +220,6 @@ def train_arm(recipe: ShapesBenchRecipe, arm: ShapesMethodSpec, seed: int, out: 
             "logging": {"progress": recipe.logging.progress, "log_every_steps": max(1, t.steps // 30)}}  # fmt: skip
     result = _execute("train", data, run_training, lambda r: False)
     return result.to_dict()
-
-
-def _finished(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if manifest.get("status") == "success" and manifest.get("result"):
-        return manifest["result"]
-    return None
 
 
 # ------------------------------------------------------------------------------------------ evaluation

@@ -96,6 +96,11 @@ class RunDir:
             manifest["result"] = result
         write_json(self.path / MANIFEST, manifest)
 
+    def finished_result(self) -> dict[str, Any] | None:
+        """The recorded result of a run that finished successfully; None for any other folder."""
+        manifest = self.read_manifest() or {}
+        return manifest.get("result") if manifest.get("status") == "success" else None
+
     def holds_no_results(self) -> bool:
         """An unfinished smpo run folder with nothing in it but its records (run.json, the resolved recipe, the
         settings sidecar, temporaries): what a run that failed on bad input, or was killed at once, leaves.

@@ -88,7 +88,7 @@ def test_a_run_that_failed_on_bad_input_does_not_block_the_corrected_rerun(tmp_p
     assert len(list((out / "images").glob("*.png"))) == 1
 
 
-def test_a_folder_with_results_still_needs_overwrite_and_temporaries_go_on_resume(tmp_path):
+def test_only_records_and_temporaries_count_as_no_results_and_resume_removes_temporaries(tmp_path):
     from smpo_cli.utils.rundir import RunDir
 
     rd = RunDir(tmp_path / "r")
