@@ -11,7 +11,12 @@ with the same seeds as the base model and lets the shapes judge read every image
 * ``big_objects``: the quarter of the guidance-2 samples with the largest objects (any correctness): a
   shift the model can represent, so its object size must grow.
 
-Differences from the base are paired by seed, with 95% cluster-bootstrap intervals over captions.
+Differences from the base are paired by seed. ``--eval balanced`` (the default) scores as GenEval does: the
+mean of the six skills' accuracies, each skill 256 images (every GenEval-form caption of a small skill with
+many seeds; 64 captions of a large one), with a bootstrap stratified by skill (seeds resampled where the
+evaluation holds every caption of a skill, captions where it holds a sample). ``--eval legacy`` is the earlier
+image-mean over 192 captions x 4, 70% colour attribution. ``--rs-balance`` repeats each skill's correct samples
+(at most 8x) so that every skill reaches the largest skill's count.
 
     python bench/shapes_controls.py -o runs/shapes-controls          # about 20 minutes on 2 CPU cores
     python bench/shapes_controls.py -o runs/shapes-controls-3e-5 --lr 3e-5
@@ -71,6 +76,40 @@ def sft_rows(paths: list[str], prompts: list[str]) -> list[dict]:
             for i, (p, t) in enumerate(zip(paths, prompts, strict=True))]  # fmt: skip
 
 
+def balanced_eval(geneval: list, images_per_skill: int, max_captions: int) -> list:
+    """Each skill's GenEval-form captions, cycled to ``images_per_skill`` lines (one image each): all of them
+    where a skill has at most ``max_captions``, else an evenly spaced sample of that many."""
+    from smpo_cli.shapes.world import SKILLS
+
+    out = []
+    for skill in SKILLS:
+        captions = [c for c in geneval if c.skill == skill]
+        if len(captions) > max_captions:
+            captions = [captions[i] for i in np.linspace(0, len(captions) - 1, max_captions).round().astype(int)]
+        out += [captions[i % len(captions)] for i in range(images_per_skill)]
+    return out
+
+
+def eval_groups_of(evals: list, geneval: list) -> np.ndarray:
+    """Bootstrap clusters: one per image where the evaluation holds every caption of the skill (only seeds vary),
+    one per caption where it holds a sample of the skill's captions."""
+    whole = {s for s in {c.skill for c in evals}
+             if {c.text for c in geneval if c.skill == s} <= {c.text for c in evals}}  # fmt: skip
+    return np.array([f"image {i}" if c.skill in whole else c.text for i, c in enumerate(evals)])
+
+
+def balanced_repeats(keep: list[int], skills: list[str], max_repeat: int = 8) -> list[int]:
+    """``keep`` with each skill's rows repeated so that it approaches the largest skill's count."""
+    by_skill: dict[str, list[int]] = {}
+    for j in keep:
+        by_skill.setdefault(skills[j], []).append(j)
+    target = max(len(rows) for rows in by_skill.values())
+    out = []
+    for rows in by_skill.values():
+        out += rows * min(max_repeat, max(1, round(target / len(rows))))
+    return sorted(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--output-dir", type=Path, required=True)
@@ -82,12 +121,16 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     ap.add_argument("--uniform-skills", action="store_true",
                     help="sample the pool's captions with uniform skills (default: weighted toward binding and position)")
+    ap.add_argument("--eval", choices=("balanced", "legacy"), default="balanced",
+                    help="balanced: GenEval's mean over skills, 256 images each; legacy: image mean, 192 captions x 4")
+    ap.add_argument("--rs-balance", action="store_true",
+                    help="repeat the rare skills' correct samples (at most 8x) so that every skill counts alike")
     ap.add_argument("--skills", default=None,
                     help="the pool's skill weights, e.g. colors=0.5,counting=0.25,color_attr=0.25 (overrides the default)")
     args = ap.parse_args()
     from PIL import Image
 
-    from smpo_cli.benchmark.metrics import paired_bootstrap
+    from smpo_cli.benchmark.metrics import paired_bootstrap, paired_bootstrap_task_mean
     from smpo_cli.shapes.world import make_dataset, sample_captions, split_captions
 
     q = args.quick
@@ -109,10 +152,18 @@ def main() -> None:
     fixed = [c for c in geneval if c.skill != "color_attr"]
     binding = [c for c in geneval if c.skill == "color_attr"]
     evals = (fixed + [binding[i] for i in rng.permutation(len(binding))])[:eval_n]
-    pool_file, eval_file = write_captions(out / "pool.txt", pool), write_captions(out / "eval.txt", evals)
+    pool_file = write_captions(out / "pool.txt", pool)
+    if args.eval == "balanced":
+        evals, eval_groups, per_eval = balanced_eval(geneval, 8 if q else 256, 4 if q else 64), None, 1
+        eval_groups = eval_groups_of(evals, geneval)
+        eval_file, eval_name = write_captions(out / "eval_balanced.txt", evals), "eval_balanced"
+    else:
+        per_eval, eval_name = 4, "eval"
+        eval_groups = np.repeat(np.arange(len(evals)), 4)
+        eval_file = write_captions(out / "eval.txt", evals)
 
     # samples of the base model (two guidance scales) and its evaluation images, two processes at a time
-    jobs = [(base, eval_file, out / "eval_base", 4, 1000, 4.0)]
+    jobs = [(base, eval_file, out / f"{eval_name}_base", per_eval, 1000, 4.0)]
     jobs += [(base, pool_file, out / f"pool_cfg{g}", per_pool, 11, float(g)) for g in (4, 2)
              if f"rs_cfg{g}" in arms or (g == 2 and "big_objects" in arms)]  # fmt: skip
     with ThreadPoolExecutor(2) as ex:
@@ -135,6 +186,8 @@ def main() -> None:
         names = [str(folder / "images" / f"{i:05d}_{k:02d}.png") for i in range(len(pool)) for k in range(per_pool)]
         texts = [c.text for c in pool for _ in range(per_pool)]
         keep = [j for j, v in enumerate(verdicts) if v.correct]
+        if args.rs_balance:
+            keep = balanced_repeats(keep, [c.skill for c in pool for _ in range(per_pool)])
         data[f"rs_cfg{guidance}"] = sft_rows([names[j] for j in keep], [texts[j] for j in keep])
         if guidance == 2:
             size = np.array([v.object_size for v in verdicts])
@@ -144,9 +197,10 @@ def main() -> None:
         (out / f"{arm}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def run_arm(arm: str) -> None:
-        marker = out / arm / "done.json"  # a rerun with the same settings keeps a finished arm
+        marker = out / arm / "done.json"  # a rerun with the same settings keeps a finished arm's model
         settings = {"base": base, "lr": args.lr, "steps": steps, "rows": len(data[arm])}
         if marker.is_file() and json.loads(marker.read_text()) == settings:
+            generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / eval_name, per_eval, 1000, 4.0)
             return
         smpo("train", "--recipe", "tiny_dpo_cpu", "-o", str(out / arm / "train"), "--overwrite",
              f"model.pretrained={base}", f"data.path={out / f'{arm}.jsonl'}", "method.name=sft",
@@ -155,30 +209,36 @@ def main() -> None:
              f"optim.lr={args.lr}", "optim.scale_lr=false", "optim.lr_scheduler=constant_with_warmup",
              f"optim.warmup_steps={max(1, steps // 6)}", "train.batch_size=32", f"train.max_steps={steps}",
              "logging.progress=false")  # fmt: skip
-        generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / "eval", 4, 1000, 4.0, overwrite=True)
+        generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / eval_name, per_eval, 1000, 4.0,
+                 overwrite=True)  # fmt: skip
         marker.write_text(json.dumps(settings))
 
     with ThreadPoolExecutor(2) as ex:
         list(ex.map(run_arm, arms))
 
-    groups = np.repeat(np.arange(len(evals)), 4)
-    skills = np.array([c.skill for c in evals for _ in range(4)])
-    base = judged(out / "eval_base", evals, 4)
+    groups = eval_groups
+    skills = np.array([c.skill for c in evals for _ in range(per_eval)])
+    base = judged(out / f"{eval_name}_base", evals, per_eval)
     base_ok = np.array([v.correct for v in base], dtype=float)
     base_size = np.array([v.object_size for v in base])
-    result = {"base": args.base, "eval_images": int(base_ok.size), "steps": steps, "lr": args.lr, "base_accuracy": float(base_ok.mean()),
+    result = {"base": args.base, "eval": args.eval, "rs_balance": args.rs_balance, "eval_images": int(base_ok.size), "steps": steps, "lr": args.lr, "base_accuracy": float(base_ok.mean()),
               "base_object_size": float(base_size.mean()), "arms": {}}  # fmt: skip
     for arm in arms:
-        v = judged(out / arm / "eval", evals, 4)
+        v = judged(out / arm / eval_name, evals, per_eval)
         ok = np.array([x.correct for x in v], dtype=float)
         size = np.array([x.object_size for x in v])
         result["arms"][arm] = {
             "train_images": len(data[arm]),
             "accuracy": float(ok.mean()),
-            "accuracy_change": paired_bootstrap(ok, base_ok, groups),
+            "accuracy_change": (paired_bootstrap_task_mean(ok, base_ok, skills, groups) if args.eval == "balanced"
+                                else paired_bootstrap(ok, base_ok, groups)),
             "object_size_change": paired_bootstrap(size, base_size, groups),
             "skills": {s: [float(base_ok[skills == s].mean()), float(ok[skills == s].mean())] for s in sorted(set(skills))},
         }
+    if args.eval == "balanced":
+        result["base_accuracy"] = float(np.mean([base_ok[skills == s].mean() for s in sorted(set(skills))]))
+        for r in result["arms"].values():
+            r["accuracy"] = r["accuracy_change"]["model"]
     result["seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
@@ -192,6 +252,11 @@ def main() -> None:
         print(f"{arm:12} {r['train_images']:>6} {r['accuracy']:>8.1%} "
               f"{100 * a['mean']:>+8.1f} [{100 * a['ci95'][0]:+.1f}, {100 * a['ci95'][1]:+.1f}]"
               f"{s['mean']:>+15.3f} [{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}]")  # fmt: skip
+    names = sorted(next(iter(result["arms"].values()))["skills"]) if result["arms"] else []
+    print(f"{'accuracy by skill':17}" + "".join(f"{n:>15}" for n in names))
+    print(f"{'base':17}" + "".join(f"{next(iter(result['arms'].values()))['skills'][n][0]:>15.1%}" for n in names))
+    for arm, r in result["arms"].items():
+        print(f"{arm:17}" + "".join(f"{r['skills'][n][1]:>15.1%}" for n in names))
 
 
 if __name__ == "__main__":

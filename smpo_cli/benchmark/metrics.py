@@ -81,3 +81,39 @@ def paired_bootstrap(model, baseline, groups=None, *, n_boot: int = 4000, seed: 
     boots = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return {"n": int(diff.size), "groups": int(sums.size), "mean": float(diff.mean()), "ci95": [float(lo), float(hi)]}
+
+
+def paired_bootstrap_task_mean(model, baseline, tasks, groups=None, *, n_boot: int = 4000, seed: int = 0) -> dict:
+    """GenEval's overall score, the unweighted mean over tasks of each task's mean, as model - baseline.
+
+    Each image counts through its task's mean, so a task with many images does not outweigh one with few (GenEval
+    averages its six task accuracies). The bootstrap is stratified by task: within each task whole ``groups``
+    are resampled (a prompt's images together; pass one group per image where the evaluation holds every prompt
+    of the task, so that only the seeds vary). Also returns each task's paired change.
+    """
+    a, b = np.asarray(model, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    task = np.asarray(tasks)
+    if a.shape != b.shape or a.ndim != 1 or task.shape != a.shape:
+        raise ValueError(f"paired_bootstrap_task_mean needs equal-length 1-D arrays, got {a.shape}, {b.shape}, {task.shape}")
+    group = np.arange(a.size) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    names = sorted(set(task.tolist()))
+    boots = np.zeros(n_boot)
+    per_task = {}
+    for name in names:
+        sel = task == name
+        labels = np.unique(group[sel], return_inverse=True)[1]
+        sums = np.bincount(labels, weights=diff[sel])
+        counts = np.bincount(labels).astype(np.float64)
+        pick = rng.integers(0, sums.size, size=(n_boot, sums.size))
+        draws = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+        boots += draws / len(names)
+        lo, hi = np.percentile(draws, [2.5, 97.5])
+        per_task[name] = {"n": int(sel.sum()), "groups": int(sums.size), "baseline": float(b[sel].mean()),
+                          "model": float(a[sel].mean()), "mean": float(diff[sel].mean()), "ci95": [float(lo), float(hi)]}  # fmt: skip
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    mean = float(np.mean([t["mean"] for t in per_task.values()]))
+    return {"n": int(a.size), "tasks": len(names), "mean": mean, "ci95": [float(lo), float(hi)],
+            "baseline": float(np.mean([t["baseline"] for t in per_task.values()])),
+            "model": float(np.mean([t["model"] for t in per_task.values()])), "per_task": per_task}  # fmt: skip

@@ -153,7 +153,8 @@ class _Inverter:
             if inv.noise_regularization
             else None
         )
-        self.generator = torch.Generator().manual_seed(recipe.seed)
+        self.generator = torch.Generator()
+        self.start_shard(0)
         self.uncond = None
         if inv.guidance_scale is not None:
             from smpo_cli.models.conditioning import encode_prompts
@@ -161,6 +162,14 @@ class _Inverter:
             self.uncond = encode_prompts(comps, [""])
         self.noise_estimates = 0  # UNet evaluations, counted per image (a batch of 4 counts 4)
         self.images = 0  # images inverted by this process
+
+    def start_shard(self, index: int) -> None:
+        """Draw the shard's regularisation noise and rolls from (seed, shard) alone: a resumed run, which skips
+        finished shards, and a run split over processes then invert every shard exactly as one uninterrupted run."""
+        import numpy as np
+
+        state = np.random.SeedSequence([self.recipe.seed, index]).generate_state(1, dtype=np.uint64)[0]
+        self.generator.manual_seed(int(state % 2**63))
 
     def cond(self, prompts: list[str], sizes: list[tuple[int, int]], crops: list[tuple[int, int]]):
         from smpo_cli.models.conditioning import encode_prompts
@@ -391,6 +400,7 @@ def run_inversion(recipe: InvertRecipe) -> InvertResult:
     with make_progress(rate) as progress:
         task = progress.add_task(f"invert {layout}", total=todo, rate="")
         for shard in mine:
+            inverter.start_shard(shard.index)
             work(inverter, recipe, source, shard, cols, prompt_col, store, progress, task)
             done_rows = progress.tasks[task].completed
             progress.update(

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 
 from smpo_cli.benchmark.metrics import mean_ci, paired_bootstrap, win_rate
@@ -52,3 +53,22 @@ def test_paired_bootstrap_clusters_widen_the_interval():
     assert width(clustered) > 2.3 * width(flat)  # sqrt(8) ~ 2.8 in the limit
     with pytest.raises(ValueError):
         paired_bootstrap([1.0, 2.0], [1.0])
+
+
+def test_task_mean_bootstrap_weights_tasks_not_images():
+    from smpo_cli.benchmark.metrics import paired_bootstrap_task_mean
+
+    # task a: 90 images all +1; task b: 10 images all 0 -> GenEval's mean is 0.5 (the image mean would be 0.9)
+    tasks = ["a"] * 90 + ["b"] * 10
+    model, base = np.r_[np.ones(90), np.zeros(10)], np.zeros(100)
+    out = paired_bootstrap_task_mean(model, base, tasks)
+    assert out["mean"] == pytest.approx(0.5) and out["ci95"] == pytest.approx([0.5, 0.5])
+    assert out["per_task"]["a"]["mean"] == 1.0 and out["per_task"]["b"]["n"] == 10
+    assert out["model"] == pytest.approx(0.5) and out["baseline"] == 0.0
+    # noise inside one task widens the interval; the stratified draw keeps each task's size fixed
+    rng = np.random.default_rng(0)
+    noisy = paired_bootstrap_task_mean(rng.integers(0, 2, 200).astype(float), np.zeros(200), ["a", "b"] * 100)
+    lo, hi = noisy["ci95"]
+    assert lo < noisy["mean"] < hi and 0.05 < hi - lo < 0.3
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_bootstrap_task_mean([1.0], [1.0], ["a", "b"])

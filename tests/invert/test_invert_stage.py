@@ -160,6 +160,26 @@ def test_cache_resumes_and_refuses_other_settings(pair_parquet, tmp_path):
         invert(pair_parquet, out, "inversion.levels=[499]", "data.rows_per_shard=2", "inversion.method=ddim")
 
 
+def test_noise_regularised_cache_resumes_exactly(pair_parquet, tmp_path):
+    """The regularisation draws noise and rolls: a run that lost its last two shards (killed while writing them)
+    and resumes must write the same bytes as the uninterrupted run, so every shard draws from its own seed."""
+    out = tmp_path / "cache"
+    args = ["inversion.levels=[999]", "data.rows_per_shard=2", "inversion.noise_regularization=true",
+            "inversion.reg_steps=2", "inversion.cache_dtype=float32"]  # fmt: skip
+    invert(pair_parquet, out, *args)
+    parts = [out / "cache" / f"part-{i:05d}.safetensors" for i in range(3)]
+    before = [p.read_bytes() for p in parts]
+    for p in parts[1:]:
+        p.unlink()
+    again = invert(pair_parquet, out, *args)
+    assert again.shards_resumed == 1
+    assert [p.read_bytes() for p in parts] == before
+    # the regularisation is really drawing: another seed inverts the same images differently
+    other = invert(pair_parquet, tmp_path / "other", *args, "seed=1")
+    assert other.inverted == again.inverted
+    assert (tmp_path / "other" / "cache" / "part-00001.safetensors").read_bytes() != before[1]
+
+
 def test_dry_run_reports_storage_and_cli_table(pair_parquet, tmp_path, capsys):
     assert run(["invert", "--data", str(pair_parquet), "--model", "tiny-sd15", "-o", str(tmp_path / "o"),
                 "inversion.levels=[199,999]", "data.resolution=32", "--dry-run"]) == 0  # fmt: skip
