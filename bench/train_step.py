@@ -85,12 +85,12 @@ def build(args):
 def time_step(models, batch, opt, device, seed: int = 0) -> tuple[float, int]:
     import torch
 
-    from smpo_cli.training.step import micro_batch_loss
+    from smpo_cli.training.step import PairDraws, micro_batch_loss
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    loss, metrics = micro_batch_loss(models, batch, torch.Generator().manual_seed(seed), device)
+    loss, metrics = micro_batch_loss(models, batch, PairDraws(seed, 0, list(range(batch["size"]))), device)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

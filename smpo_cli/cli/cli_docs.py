@@ -23,7 +23,7 @@ HEADER = (
     "tests/unit/test_cli_docs.py checks that it is current. -->\n"
     "\n"
     "Every command reads a YAML recipe (`--recipe`: a file or a bundled name) plus `KEY=VALUE` overrides; "
-    "see the README's *Recipes and overrides*. `-q`/`-v` may also follow the subcommand.\n"
+    "see [Recipes and overrides](../README.md#recipes-and-overrides). `-q`/`-v` may also follow the subcommand.\n"
 )
 
 _CODE_SPAN = re.compile(r"(`[^`]*`)")
@@ -79,8 +79,10 @@ def _type(param: Any, ctx: Any) -> str:
     lo, hi = getattr(param, "min", None), getattr(param, "max", None)
     if label.endswith(" range"):
         label = label[: -len(" range")]
-        bounds = f"{lo}<=x<={hi}" if lo is not None and hi is not None else f"x>={lo}" if lo is not None else f"x<={hi}"
-        label = f"{label}, {bounds}"
+        if lo is not None and hi is not None:
+            label += f", {lo}<=x<={hi}"  # click's own spelling of a range
+        elif lo is not None or hi is not None:
+            label += f", x>={lo}" if lo is not None else f", x<={hi}"
     if param.param_type_name == "option" and not getattr(param, "is_flag", False):
         label = f"{param.metavar or param.name.upper()} ({label})"
     if getattr(param, "multiple", False) or param.nargs == -1:

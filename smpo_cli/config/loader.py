@@ -77,10 +77,16 @@ def _summary(path: Path) -> str:
     return ""
 
 
+# folders of bundled files that are not smpo recipes (accelerate launch configs)
+NOT_RECIPES = ("accelerate",)
+
+
 def bundled_recipes() -> list[BundledRecipe]:
     root = bundled_recipes_dir()
     found = []
     for path in sorted(root.rglob("*.yaml")):
+        if path.relative_to(root).parts[0] in NOT_RECIPES:
+            continue
         stage = path.relative_to(root).parts[0] if len(path.relative_to(root).parts) > 1 else ""
         found.append(BundledRecipe(path.stem, stage, path, _summary(path)))
     return found

@@ -180,6 +180,11 @@ class TrainLoopSpec(Block):
     grad_accum_steps: PositiveInt = Field(
         1, description="Effective batch = batch_size * grad_accum_steps * processes."
     )
+    global_batch_size: PositiveInt | None = Field(
+        None,
+        description="Pairs per optimiser step whatever the number of processes: grad_accum_steps is derived "
+        "(batch_size x processes must divide it). null: batch_size x grad_accum_steps x processes.",
+    )
     max_steps: PositiveInt = Field(description="Optimiser steps.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (SDXL).")

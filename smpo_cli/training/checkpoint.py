@@ -49,9 +49,12 @@ def save_checkpoint(output_dir, step: int, trainable: dict[str, torch.Tensor], o
 
 
 # recipe keys a resumed run may change: they do not alter what the steps already taken computed
-# (train.max_steps extends or shortens the run; with a linear/cosine schedule the rest of it stretches)
+# (train.max_steps extends or shortens the run; with a linear/cosine schedule the rest of it stretches).
+# batch_size and grad_accum_steps may change as long as the pairs per optimiser step stay the same (checked
+# by batching.plan_batches), e.g. to resume on another number of processes.
 RESUME_SAFE = ("output_dir", "device", "train.max_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
-               "train.resume", "train.max_nonfinite_steps", "data.num_workers", "logging.")  # fmt: skip
+               "train.resume", "train.max_nonfinite_steps", "train.batch_size", "train.grad_accum_steps",
+               "data.num_workers", "logging.")  # fmt: skip
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -82,7 +85,8 @@ def check_resume_settings(saved: dict[str, Any] | None, recipe, checkpoint: Path
         raise UsageError(
             f"train.resume: {checkpoint} was made with other settings: {shown}{more}",
             hint="resume with the settings it was made with (only train.max_steps, checkpointing, logging, "
-            "data.num_workers and device may change), or start afresh: --overwrite or another output_dir",
+            "data.num_workers, device and the batch split (same pairs per step) may change), or start afresh: "
+            "--overwrite or another output_dir",
         )
 
 

@@ -193,7 +193,8 @@ class PairExamples(torch.utils.data.Dataset):
         rng = example_rng(self.recipe.seed, position)
         w = int(t.winner[idx])
         prompt = t.prompts[idx] if rng.random() >= d.empty_prompt_prob else ""
-        out: dict[str, Any] = {"row": int(t.row_ids[idx]), "prompt": prompt, "p": float(t.p[idx])}
+        out: dict[str, Any] = {"row": int(t.row_ids[idx]), "position": int(position), "prompt": prompt,
+                               "p": float(t.p[idx])}  # fmt: skip
         if self.cache is not None:
             cached = self.cache.get(int(t.row_ids[idx]))
             order = [w, 1 - w]
@@ -231,6 +232,7 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     if not good:
         return batch
     batch["row"] = torch.tensor([x["row"] for x in good])
+    batch["position"] = torch.tensor([x["position"] for x in good])
     batch["prompt"] = [x["prompt"] for x in good]
     batch["p"] = torch.tensor([x["p"] for x in good], dtype=torch.float32)
     for key in ("pixels", "latents", "inverted", "original_size", "crop_top_left"):

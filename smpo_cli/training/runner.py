@@ -19,6 +19,7 @@ import torch
 
 from smpo_cli.config.schema import TrainRecipe
 from smpo_cli.errors import DataError, SmpoError, UsageError
+from smpo_cli.training.batching import plan_batches
 from smpo_cli.training.checkpoint import (
     check_resume_settings,
     load_checkpoint,
@@ -26,6 +27,7 @@ from smpo_cli.training.checkpoint import (
     resume_settings,
     save_checkpoint,
 )
+from smpo_cli.training.step import STEP_METRICS
 from smpo_cli.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -84,7 +86,7 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
     from smpo_cli.inversion.schedule import NoiseSchedule
     from smpo_cli.models import load_components
     from smpo_cli.training.data import PairExamples, PositionSampler, cache_for, collate, load_pair_table
-    from smpo_cli.training.step import StepModels, make_grid, micro_batch_loss
+    from smpo_cli.training.step import PairDraws, StepModels, make_grid, micro_batch_loss
     from smpo_cli.utils.progress import make_progress
 
     started = time.perf_counter()
@@ -94,6 +96,14 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=r.device == "cpu",
                               log_with=trackers or None, project_dir=str(out_dir))  # fmt: skip
     device = accelerator.device
+    world = accelerator.num_processes
+    resume_from = resolve_resume(out_dir, t.resume)
+    saved_state = json.loads((resume_from / "state.json").read_text()) if resume_from is not None else None
+    split = plan_batches(r, world, saved_state)  # before any weight loads: a bad split fails at once
+    grad_accum, per_step_pairs = split.grad_accum_steps, split.pairs_per_step
+    if saved_state and saved_state.get("processes") not in (None, world):
+        logger.info("resuming a %s-process checkpoint on %d processes: grad_accum_steps %d keeps %d pairs per step",
+                    saved_state["processes"], world, grad_accum, per_step_pairs)  # fmt: skip
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
     cache = cache_for(r)
     m = r.model
@@ -129,14 +139,11 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         unet.enable_gradient_checkpointing()
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    world = accelerator.num_processes
-    per_step_pairs = t.batch_size * t.grad_accum_steps * world
     lr = r.optim.lr * per_step_pairs if r.optim.scale_lr else r.optim.lr
     optimizer = _optimizer(r, params, lr)
     scheduler = get_scheduler(r.optim.lr_scheduler, optimizer, num_warmup_steps=r.optim.warmup_steps,
                               num_training_steps=t.max_steps)  # fmt: skip
-    start_step, micro_done, skipped_total, nonfinite = 0, 0, 0, 0
-    resume_from = resolve_resume(out_dir, t.resume)
+    start_step, positions_done, skipped_total, nonfinite = 0, 0, 0, 0
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
         if t.lora_rank is not None:
@@ -149,7 +156,9 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         scheduler.load_state_dict(ck["scheduler"])
         st = ck["state"]
         check_resume_settings(st.get("settings"), r, resume_from)
-        start_step, micro_done = st["step"], st["micro_batches"]
+        start_step = st["step"]
+        # pairs consumed in the data order (checkpoints before elastic resume counted micro-batches)
+        positions_done = st.get("positions", st.get("micro_batches", 0) * t.batch_size)
         skipped_total, nonfinite = st.get("skipped_pairs", 0), st.get("nonfinite_steps", 0)
         logger.info("resuming from %s (step %d)", resume_from, start_step)
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -158,7 +167,8 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
     models = StepModels(r, comps, unet, raw_unet, ref_unet, schedule, grid=make_grid(r, schedule),
                         cache_levels=cache.levels if cache is not None else [], autocast=accelerator.autocast)  # fmt: skip
     table = load_pair_table(r)
-    sampler = PositionSampler(table, r.seed, t.batch_size, accelerator.process_index, world, micro_done)
+    sampler = PositionSampler(table, r.seed, t.batch_size, accelerator.process_index, world,
+                              positions_done // t.batch_size)  # fmt: skip
     loader = torch.utils.data.DataLoader(PairExamples(r, table, cache), batch_sampler=sampler, collate_fn=collate,
                                          num_workers=r.data.num_workers)  # fmt: skip
     batches = iter(loader)
@@ -172,7 +182,7 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
             accelerator.init_trackers("smpo", config=r.model_dump(mode="json"))
     logger.info("%s on %d pairs (%s labels: %s): %d steps of %d pairs (%d x %d x %d processes), lr %.3g, %s",
                 r.method.name, len(table.rows), table.labels, table.label_column, t.max_steps, per_step_pairs,
-                t.batch_size, t.grad_accum_steps, world, lr,
+                t.batch_size, grad_accum, world, lr,
                 f"LoRA rank {t.lora_rank}" if t.lora_rank else "full fine-tuning")  # fmt: skip
     history: list[dict[str, Any]] = []
     step = start_step
@@ -188,25 +198,27 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
             bad = False
             pairs = skipped = calls = readable = 0
             reasons: list[str] = []
-            for micro in range(t.grad_accum_steps):
+            for micro in range(grad_accum):
                 batch = next(batches)
-                micro_done += world
+                positions_done += world * t.batch_size
                 skipped += batch["skipped"]
                 readable += batch["size"]
                 reasons += batch.get("skip_reason", [])
-                sync = micro == t.grad_accum_steps - 1
+                sync = micro == grad_accum - 1
                 ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(unet)
                 with ctx:
                     if batch["size"] == 0:
                         accelerator.backward(sum(p.sum() for p in params) * 0.0)  # keep DDP's collectives in step
                         continue
-                    gen = _step_generator(r.seed, step, micro, accelerator.process_index)
-                    loss, mets = micro_batch_loss(models, batch, gen, device)
+                    draws = PairDraws(r.seed, step, batch["position"].tolist())
+                    loss, mets = micro_batch_loss(models, batch, draws, device)
                     if not torch.isfinite(loss):
                         bad = True
                         accelerator.backward(sum(p.sum() for p in params) * 0.0)
                         continue
-                    accelerator.backward(loss / t.grad_accum_steps)
+                    # the sum of the micro-batch's pair losses over the global batch (DDP averages over processes):
+                    # the step's gradient is the same however its pairs are split (a skipped pair counts 0)
+                    accelerator.backward(loss * batch["size"] * world / per_step_pairs)
                 pairs += batch["size"]
                 calls += mets.pop("unet_calls")
                 for k, v in mets.items():
@@ -240,9 +252,10 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            means, pairs, skipped, calls = _global_step_metrics(accelerator, sums, pairs, skipped, calls, device)
             skipped_total += skipped
             pairs_done += pairs
-            row = {"step": step, **{k: v / max(pairs, 1) for k, v in sums.items()}, "grad_norm": grad_norm,
+            row = {"step": step, **means, "grad_norm": grad_norm,
                    "lr": lr_used, "pairs": pairs, "pairs_per_s": pairs / (time.perf_counter() - tick),
                    "unet_calls": calls, "skipped_pairs": skipped, "nonfinite_steps": nonfinite}  # fmt: skip
             history.append(row)
@@ -259,7 +272,8 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out_dir, step, _trainable_state(raw_unet, t.lora_rank is not None), optimizer,
-                                    scheduler, {"micro_batches": micro_done, "skipped_pairs": skipped_total,
+                                    scheduler, {"positions": positions_done, "pairs_per_step": per_step_pairs,
+                                                "processes": world, "skipped_pairs": skipped_total,
                                                 "nonfinite_steps": nonfinite, "settings": resume_settings(r)},
                                     t.keep_checkpoints)  # fmt: skip
     seconds = time.perf_counter() - t0
@@ -284,11 +298,28 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         output_dir=str(out_dir), method=r.method.name, labels=table.labels, label_column=table.label_column,
         steps=step, resumed_from=start_step,
         final_loss=history[-1].get("loss") if history else None,
-        pairs_per_second=round(pairs_done * world / max(seconds, 1e-9), 3),
+        pairs_per_second=round(pairs_done / max(seconds, 1e-9), 3),
         unet_calls_per_step=sum(h["unet_calls"] for h in history) / n_steps if history else 0.0,
         skipped_pairs=skipped_total, nonfinite_steps=nonfinite, model_path=model_path, ranks_in_sync=in_sync,
         trainable_checksum=checksum, seconds=round(time.perf_counter() - started, 3), metrics=history,
     )  # fmt: skip
+
+
+def _global_step_metrics(accelerator, sums: dict[str, float], pairs: int, skipped: int, calls: int, device):
+    """The step's per-pair means over every process's pairs (not the main process's alone), and its totals of
+    pairs, skipped pairs and UNet calls: what a run logs does not depend on how many processes made it."""
+    unknown = set(sums) - set(STEP_METRICS)
+    if unknown:
+        raise SmpoError(f"step metrics {sorted(unknown)} are not in STEP_METRICS", hint="report this with `smpo env`")
+    values = [pairs, skipped, calls, *(sums.get(k, 0.0) for k in STEP_METRICS), *(float(k in sums) for k in STEP_METRICS)]
+    vec = torch.tensor(values, dtype=torch.float64, device=device)
+    if accelerator.num_processes > 1:
+        vec = accelerator.reduce(vec, reduction="sum")
+    vec = vec.cpu().tolist()
+    n = len(STEP_METRICS)
+    total_pairs = int(vec[0])
+    means = {k: vec[3 + i] / max(total_pairs, 1) for i, k in enumerate(STEP_METRICS) if vec[3 + n + i] > 0}
+    return means, total_pairs, int(vec[1]), int(vec[2])
 
 
 def _step_of(line: str) -> float:
@@ -305,11 +336,3 @@ def _trainable_state(unet, lora: bool) -> dict[str, torch.Tensor]:
 
         return lora_state_dict(unet)
     return {k: v for k, v in unet.state_dict().items()}
-
-
-def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """t, noise and inversion noise of one micro-batch: a function of where it is, so resumes are exact."""
-    import numpy as np
-
-    state = int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(state % 2**63)

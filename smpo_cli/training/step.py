@@ -61,17 +61,56 @@ def _cond(models: StepModels, prompts: list[str], sizes: torch.Tensor, crops: to
     return encode_prompts(models.comps, prompts, device=device, **kwargs)
 
 
-def _sample_t(models: StepModels, n: int, gen: torch.Generator) -> torch.Tensor:
+# the per-pair metrics micro_batch_loss returns (besides unet_calls), in a fixed order for the all-reduce
+STEP_METRICS = ("loss", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l", "implicit_acc", "reward_margin",
+                "mean_p", "mean_t")  # fmt: skip
+
+
+class PairDraws:
+    """The randomness of a micro-batch (t, noise, VAE posterior samples), drawn pair by pair, each pair from a
+    generator seeded by (seed, step, the pair's global position in the data order).
+
+    A pair therefore gets the same draws at the same step however the step's pairs are split into processes
+    and micro-batches: a run resumed on another number of processes continues the same optimiser steps.
+    Draws are made in the same order for every pair (each call draws once from every pair's generator).
+    """
+
+    def __init__(self, seed: int, step: int, positions: list[int]) -> None:
+        import numpy as np
+
+        self.gens = []
+        for pos in positions:
+            state = np.random.SeedSequence([seed, 2, step, int(pos)]).generate_state(1, dtype=np.uint64)[0]
+            self.gens.append(torch.Generator().manual_seed(int(state % 2**63)))
+
+    def __len__(self) -> int:
+        return len(self.gens)
+
+    def randint(self, high: int) -> torch.Tensor:
+        """One integer in [0, high) per pair, shape (P,)."""
+        return torch.cat([torch.randint(0, high, (1,), generator=g) for g in self.gens])
+
+    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """One standard-normal tensor of ``shape`` per pair, shape (P, *shape)."""
+        return torch.stack([torch.randn(shape, generator=g) for g in self.gens])
+
+    def image_seeds(self) -> list[int]:
+        """Seeds of the 2P images in the micro-batch's order (winners, then losers)."""
+        pairs = [torch.randint(0, 2**62, (2,), generator=g).tolist() for g in self.gens]
+        return [w for w, _ in pairs] + [lo for _, lo in pairs]
+
+
+def _sample_t(models: StepModels, draws: PairDraws) -> torch.Tensor:
     inv = models.recipe.inversion
     T = models.schedule.num_train_timesteps
     if inv.source == "online" and inv.timestep_mode == "grid":
         grid = torch.tensor(models.grid)
-        return grid[torch.randint(0, len(grid), (n,), generator=gen)]
-    return torch.randint(0, T, (n,), generator=gen)
+        return grid[draws.randint(len(grid))]
+    return draws.randint(T)
 
 
-def micro_batch_loss(models: StepModels, batch: dict[str, Any], gen: torch.Generator, device) -> tuple[torch.Tensor, dict]:
-    """Loss of one micro-batch and its metrics (floats). ``gen`` (CPU) draws t, noise and inversion noise."""
+def micro_batch_loss(models: StepModels, batch: dict[str, Any], draws: PairDraws, device) -> tuple[torch.Tensor, dict]:
+    """Loss of one micro-batch and its metrics (floats). ``draws`` gives each pair's t and noise."""
     from smpo_cli.models import vae as vae_ops
     from smpo_cli.training import losses
 
@@ -87,15 +126,16 @@ def micro_batch_loss(models: StepModels, batch: dict[str, Any], gen: torch.Gener
         x0 = both("latents").to(device)
     else:
         sample = r.data.latents == "sample"
-        x0 = vae_ops.encode(models.comps.vae, both("pixels").to(device), sample=sample, generator=gen)
+        x0 = vae_ops.encode(models.comps.vae, both("pixels").to(device), sample=sample,
+                            seeds=draws.image_seeds() if sample else None)  # fmt: skip
     sizes, crops = both("original_size"), both("crop_top_left")
     prompts = list(batch["prompt"]) * 2
     cond = _cond(models, prompts, sizes, crops, device)
     calls = 0
     if method == "sft":  # winners only, random noise
         x0_w, cond_w = x0[:P], cond.index(slice(0, P))
-        t = _sample_t(models, P, gen)
-        eps = torch.randn(x0_w.shape, generator=gen).to(device)
+        t = _sample_t(models, draws)
+        eps = draws.randn(tuple(x0_w.shape[1:])).to(device)
         abar = models.schedule.abar(t).to(device)
         x_t = forward_noise(x0_w, eps, abar)
         target = _target(models, eps, x0_w, abar)
@@ -104,21 +144,21 @@ def micro_batch_loss(models: StepModels, batch: dict[str, Any], gen: torch.Gener
         loss = losses.sft_loss(pred, target)
         return loss, {"loss": float(loss.detach()), "model_mse_w": float(loss.detach()), "unet_calls": 1}
     if inv.source == "cache":  # t among the cached levels, the same for both images of a pair
-        which = torch.randint(0, len(models.cache_levels), (P,), generator=gen)
+        which = draws.randint(len(models.cache_levels))
         t_pair = torch.tensor(models.cache_levels)[which]
         x_t = both("inverted")[torch.arange(2 * P), which.repeat(2)].to(device)
         t = t_pair.repeat(2)
         abar = models.schedule.abar(t).to(device)
         tau = implied_noise(x_t, x0, abar)
     elif inv.source == "online":
-        t_pair = _sample_t(models, P, gen)
+        t_pair = _sample_t(models, draws)
         t = t_pair.repeat(2)
-        x_t, tau, calls = _invert(models, x0, cond, t, gen, device)
+        x_t, tau, calls = _invert(models, x0, cond, t, device)
         abar = models.schedule.abar(t).to(device)
     else:  # Diffusion-DPO: one noise per pair, shared by winner and loser
-        t_pair = _sample_t(models, P, gen)
+        t_pair = _sample_t(models, draws)
         t = t_pair.repeat(2)
-        eps = torch.randn((P, *x0.shape[1:]), generator=gen).to(device).repeat(2, 1, 1, 1)
+        eps = draws.randn(tuple(x0.shape[1:])).to(device).repeat(2, 1, 1, 1)
         abar = models.schedule.abar(t).to(device)
         x_t = forward_noise(x0, eps, abar)
         tau = eps
@@ -153,7 +193,7 @@ def _target(models: StepModels, tau: torch.Tensor, x0: torch.Tensor, abar: torch
     return tau.float()
 
 
-def _invert(models: StepModels, x0, cond, t, gen, device):
+def _invert(models: StepModels, x0, cond, t, device):
     """ReNoise inversion to exactly t, or the official loop (which stops at a grid level, not at t), by the
     reference or the policy."""
     from smpo_cli.inversion.official import OFFICIAL_MODES, InverseSchedulerConfig, official_invert
@@ -173,8 +213,7 @@ def _invert(models: StepModels, x0, cond, t, gen, device):
         else:
             out = renoise_invert(unet, x0, cond, t.to(x0.device), schedule=models.schedule, grid=models.grid,
                                  mode=inv.timestep_mode, renoise_iterations=inv.renoise_iterations,
-                                 average_window=inv.average_window, first_prediction=inv.first_prediction,
-                                 generator=gen)  # fmt: skip
+                                 average_window=inv.average_window, first_prediction=inv.first_prediction)  # fmt: skip
     abar_t = models.schedule.abar(t).to(device)
     tau = implied_noise(out.latents, x0, abar_t)  # official modes: x at a grid level, abar at t (the bug)
     return out.latents, tau, out.unet_calls

@@ -9,7 +9,9 @@ from smpo_cli.cli._runner import run_stage
 from smpo_cli.config import bundled_recipes, load_recipe
 from smpo_cli.config.loader import bundled_recipes_dir
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").rglob("*.yaml"))
+ROOT_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+# recipes/accelerate/ holds accelerate launch configs (tests/unit/test_accelerate_configs.py), not smpo recipes
+RECIPES = sorted(p for p in ROOT_RECIPES.rglob("*.yaml") if p.relative_to(ROOT_RECIPES).parts[0] != "accelerate")
 
 
 def test_bundled_dir_is_the_top_level_recipes_folder():
