@@ -69,8 +69,13 @@ def _model_lines(model: BaseModel, prefix: str) -> list[tuple[str, str]]:
     return lines
 
 
-def plan_lines(recipe: BaseModel) -> list[tuple[str, str]]:
-    """Human-readable plan of a validated recipe."""
+def plan_lines(recipe: BaseModel, memory: Any = None) -> list[tuple[str, str]]:
+    """Human-readable plan of a validated recipe.
+
+    ``memory``: a :class:`smpo_cli.training.memory_plan.MemoryRequest` adds a train recipe's memory plan
+    (parameter counts and GPU memory per process; imports torch and diffusers, loads no weight). None:
+    the request ``smpo train`` set with ``memory_plan.requested``, if any (``smpo recipe validate`` sets none).
+    """
     data: Any = recipe
     lines: list[tuple[str, str]] = [("ok", f"stage: {data.stage}")]
     out = Path(data.output_dir)
@@ -98,7 +103,16 @@ def plan_lines(recipe: BaseModel) -> list[tuple[str, str]]:
             norm = f"fixed r_min={lo}, r_max={hi}"
         lines.append(("ok", f"p from {output}, normalisation: {norm}"))
         lines.append(("ok", f"shards of {data.data.rows_per_shard} rows; ties {'dropped' if data.data.drop_ties else 'kept'}"))
-    if data.stage == "invert":
+    if data.stage == "invert" and getattr(data, "plan", None) is not None:
+        from smpo_cli.config import load_recipe
+        from smpo_cli.inversion.plan_cache import cost_lines
+
+        train = load_recipe(data.plan.train_recipe, "train", list(data.plan.train_overrides)).recipe
+        lines.append(("ok", f"plan cache: the visits of train recipe {data.plan.train_recipe} (its model, data and "
+                            f"inversion settings; this recipe's inversion.method/levels/num_steps are not used), "
+                            f"{data.plan.steps_per_shard} steps per shard"))  # fmt: skip
+        lines.extend(("ok", x) for x in cost_lines(train, data.plan.processes, data.inversion.cache_dtype))
+    elif data.stage == "invert":
         inv = data.inversion
         steps = f"{inv.num_steps}-level grid"
         how = "DDIM" if inv.method == "ddim" else f"ReNoise, {inv.renoise_iterations} iteration(s), window {inv.average_window}"
@@ -167,7 +181,25 @@ def plan_lines(recipe: BaseModel) -> list[tuple[str, str]]:
         )
         lr = f"{o.lr:g} x {per_process} x processes" if o.scale_lr else f"{o.lr:g}"
         lines.append(("ok", f"optimiser: {o.name}, lr {lr}, {t.max_steps} steps, {t.mixed_precision} precision"))
-        if data.inversion.source == "cache" and data.inversion.cache_path:
+        if data.inversion.source in ("cache", "plan") and data.inversion.cache_path:
             level, what = describe_local_input(data.inversion.cache_path)
             lines.append((level, f"inversion.cache_path = {data.inversion.cache_path}: {what}"))
+        if data.method.name != "sft" and data.inversion.source != "none":
+            from smpo_cli.inversion.plan_cache import cost_lines
+
+            lines.extend(("ok", x) for x in cost_lines(data))
+        from smpo_cli.training import memory_plan
+
+        request = memory if memory is not None else memory_plan.current_request()
+        if request is not None:
+            from smpo_cli.errors import SmpoError
+
+            try:
+                estimate = memory_plan.plan_memory(recipe, accelerate_config=request.accelerate_config)
+            except SmpoError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an estimate must never break a dry run
+                lines.append(("warn", f"memory plan failed: {type(exc).__name__}: {exc}"))
+            else:
+                lines.extend(memory_plan.plan_lines(estimate, request.gpu_memory_gib))
     return lines

@@ -118,9 +118,11 @@ class MethodSpec(Block):
 class InversionSpec(Block):
     """How x_t is obtained: model inversion (SmPO) or random noise (Diffusion-DPO)."""
 
-    source: Literal["online", "cache", "none"] = Field(
+    source: Literal["online", "cache", "plan", "none"] = Field(
         "online",
-        description="online: ReNoise inversion inside each step | cache: from smpo invert | none: random noise.",
+        description="online: ReNoise inversion inside each step | cache: from smpo invert | plan: the visits "
+        "this run makes, inverted to exactly their t by `smpo invert plan.train_recipe=...` (the same weights as "
+        "online exact-t inversion by the reference) | none: random noise.",
     )
     model: Literal["reference", "policy"] = Field(
         "reference", description="Which UNet inverts online (the official code uses the policy)."
@@ -137,15 +139,15 @@ class InversionSpec(Block):
         "abar at t: the level mismatch; ablation only) | official_0_22: the same loop under diffusers >= 0.22 "
         "(stops below t). The official modes ignore first_prediction and use the model's scheduler config.",
     )
-    cache_path: str | None = Field(None, description="Inversion cache folder when source=cache.")
+    cache_path: str | None = Field(None, description="Inversion cache folder when source=cache or source=plan.")
     first_prediction: Literal["source", "target"] = Field(
         "source", description="Timestep label of each inverse step's first noise estimate."
     )
 
     @model_validator(mode="after")
     def _cache_needs_path(self) -> InversionSpec:
-        if self.source == "cache" and not self.cache_path:
-            raise ValueError("inversion.cache_path must be set when inversion.source=cache")
+        if self.source in ("cache", "plan") and not self.cache_path:
+            raise ValueError(f"inversion.cache_path must be set when inversion.source={self.source}")
         if self.average_window > self.renoise_iterations + 1:
             raise ValueError(
                 "inversion.average_window must be <= inversion.renoise_iterations + 1 "
@@ -186,6 +188,12 @@ class TrainLoopSpec(Block):
         "(batch_size x processes must divide it). null: batch_size x grad_accum_steps x processes.",
     )
     max_steps: PositiveInt = Field(description="Optimiser steps.")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="none: DDP (every process holds the whole UNet); fsdp: FSDP2 (torch fully_shard) splits the "
+        "trained UNet, its gradients and optimiser state, and the frozen reference across the processes "
+        "(full fine-tuning).",
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (SDXL).")
     lora_rank: PositiveInt | None = Field(
@@ -246,6 +254,11 @@ class TrainRecipe(Block):
                              "set data.random_crop=false and data.random_flip=false")
         if self.inversion.source == "cache" and self.inversion.timestep_mode.startswith("official"):
             raise ValueError(f"inversion.timestep_mode={self.inversion.timestep_mode} needs inversion.source=online")
+        if self.inversion.source == "plan" and self.inversion.timestep_mode != "exact":
+            raise ValueError("inversion.source=plan inverts each visit to exactly its t: set inversion.timestep_mode=exact")
+        if self.inversion.source == "plan" and self.inversion.model != "reference":
+            raise ValueError("inversion.source=plan inverts before training, with the reference model: "
+                             "set inversion.model=reference")
         return self
 
 
@@ -395,6 +408,22 @@ class InvertMethodSpec(Block):
         return self
 
 
+class InvertPlanSpec(Block):
+    """The plan cache: invert exactly the (pair, t) visits a training run will make, not every pair to every level."""
+
+    train_recipe: str = Field(
+        description="The smpo train recipe (bundled name or YAML path) whose visits to invert; its seed, steps, "
+        "global batch, data, model and inversion settings define the plan (train it with inversion.source=plan)."
+    )
+    train_overrides: list[str] = Field(
+        default_factory=list, description="key=value overrides applied to train_recipe, as on the train command line."
+    )
+    processes: PositiveInt = Field(
+        1, description="Training processes (only matters when the train recipe has no train.global_batch_size)."
+    )
+    steps_per_shard: PositiveInt = Field(10, description="Optimiser steps per plan shard: the unit of resumption.")
+
+
 class InvertRecipe(Block):
     """``smpo invert``: ReNoise/DDIM inversion of images, or the SmPO training cache of scored pairs."""
 
@@ -406,6 +435,11 @@ class InvertRecipe(Block):
     model: ModelSpec = Field(description="The (reference) model that inverts.")
     data: InvertDataSpec
     inversion: InvertMethodSpec = Field(default_factory=InvertMethodSpec)
+    plan: InvertPlanSpec | None = Field(
+        None,
+        description="Invert the visits of one training run (its model, data and inversion settings; data.path and "
+        "model.pretrained must match it) into a plan cache; null: the images or pairs layouts.",
+    )
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
 

@@ -65,6 +65,10 @@ class InvertResult:
 
 # ----------------------------------------------------------------------------- settings
 def fingerprint(recipe: InvertRecipe) -> dict[str, Any]:
+    if recipe.plan is not None:
+        from smpo_cli.inversion.plan_cache import invert_fingerprint
+
+        return invert_fingerprint(recipe)
     data = recipe.data.model_dump(mode="json", exclude={"num_workers"})
     data["path"] = str(Path(recipe.data.path).expanduser().resolve())
     inv = recipe.inversion.model_dump(mode="json", exclude={"batch_size"})
@@ -366,6 +370,10 @@ def run_inversion(recipe: InvertRecipe) -> InvertResult:
     from smpo_cli.utils.distributed import partial_state
     from smpo_cli.utils.progress import make_progress
 
+    if recipe.plan is not None:  # the plan cache: the visits of one training run (smpo_cli.inversion.plan_cache)
+        from smpo_cli.inversion.plan_cache import run_plan_inversion
+
+        return run_plan_inversion(recipe)
     started = time.perf_counter()
     state = partial_state()
     source = open_source(recipe.data.path, recipe.data.split)

@@ -1,8 +1,9 @@
-"""One loader for SD1.5- and SDXL-family models, whatever the source.
+"""One loader for SD1.5-, SDXL-, SD3/SD3.5- and FLUX.1-family models, whatever the source.
 
 ``load_components(pretrained, ...)`` accepts:
 
-* a tiny model name (``tiny-sd15``, ``tiny-sdxl``): materialised once, then loaded as a folder;
+* a tiny model name (``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``): materialised once,
+  then loaded as a folder;
 * a local diffusers pipeline folder (with ``model_index.json``);
 * a single-file checkpoint (``.safetensors``; ``.ckpt``/``.pt``/``.pth`` only through
   ``torch.load(weights_only=True)``), with ``config=`` naming a diffusers folder or hub id that
@@ -33,25 +34,32 @@ from typing import Any
 import torch
 
 from smpo_cli.errors import AssetNotFoundError, ModelLoadError, SmpoError, UsageError
+from smpo_cli.models import flow
 from smpo_cli.models.shipped import SHIPPED_MODELS, shipped_model_path
-from smpo_cli.models.tiny import is_tiny_name, materialize_tiny
+from smpo_cli.models.tiny import ALL_TINY_MODELS, is_tiny_name, materialize_tiny
 from smpo_cli.utils.devices import resolve_device, resolve_dtype  # noqa: F401 (re-exported)
 from smpo_cli.utils.logging import get_logger, warning_once
 
 logger = get_logger(__name__)
 
 # "sd15": one CLIP text encoder (SD 1.x, and SD 2.x with its v-prediction scheduler);
-# "sdxl": two text encoders and text_time conditioning (SDXL base).
-FAMILIES = ("sd15", "sdxl")
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+# "sdxl": two text encoders and text_time conditioning (SDXL base);
+# "sd3": SD3 / SD3.5 (MMDiT transformer, two CLIP encoders + T5, flow matching);
+# "flux": FLUX.1 (transformer, CLIP + T5, flow matching, guidance-distilled).
+UNET_FAMILIES = ("sd15", "sdxl")
+FAMILIES = UNET_FAMILIES + flow.FLOW_FAMILIES
+UNET_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+COMPONENTS = (*UNET_COMPONENTS, "transformer", "text_encoder_3", "tokenizer_3")
 FAMILY_COMPONENTS = {
     "sd15": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    "sdxl": COMPONENTS,
+    "sdxl": UNET_COMPONENTS,
+    **flow.FLOW_COMPONENTS,
 }
 # Where a single-file checkpoint takes its architecture from when no ``config=`` is given.
 DEFAULT_CONFIG_REPOS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    **flow.DEFAULT_CONFIG_REPOS,
 }
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -64,6 +72,21 @@ _ALLOWED_CLASSES = {
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
     "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
+_DIFFUSERS_MODELS = ("unet", "vae", "transformer")
+
+
+def _allowed(name: str, family: str) -> tuple[str, ...]:
+    """The class names accepted for component ``name`` of ``family``."""
+    if flow.is_flow_family(family):
+        return flow.FLOW_ALLOWED_CLASSES[family][name]
+    return _ALLOWED_CLASSES[name]
+
+
+def _denoiser(family: str) -> str:
+    """The trained component: ``unet`` (SD1.5 / SDXL) or ``transformer`` (SD3 / FLUX.1)."""
+    return "transformer" if flow.is_flow_family(family) else "unet"
+
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _HUB_FILE_URL = re.compile(
     r"^(?:https?://)?(?:huggingface\.co|hf\.co)/(?P<repo>[^/]+/[^/]+)/(?:blob|resolve)/(?P<rev>[^/]+)/(?P<file>.+)$"
@@ -77,7 +100,11 @@ _HUB_FILE_URL = re.compile(
 
 @dataclass
 class DiffusionComponents:
-    """The parts of an SD1.5 / SDXL pipeline, on one device and dtype (skipped parts are None)."""
+    """The parts of an SD1.5 / SDXL / SD3 / FLUX.1 pipeline, on one device and dtype (skipped parts are None).
+
+    SD1.5 / SDXL fill ``unet``; SD3 and FLUX.1 fill ``transformer`` (and ``unet`` is None). SD3's
+    T5 is ``text_encoder_3``; FLUX.1's is ``text_encoder_2`` (as in the diffusers pipelines).
+    """
 
     family: str
     unet: Any
@@ -90,15 +117,31 @@ class DiffusionComponents:
     source: str = ""
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")  # noqa: B008 - an immutable default
+    transformer: Any = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
+
+    @property
+    def is_flow(self) -> bool:
+        """True for the flow-matching families (``sd3``, ``flux``)."""
+        return flow.is_flow_family(self.family)
+
+    @property
+    def denoiser(self) -> Any:
+        """The trained network: the UNet, or the transformer of SD3 / FLUX.1."""
+        return self.transformer if self.is_flow else self.unet
 
     @property
     def prediction_type(self) -> str:
-        """``"epsilon"`` or ``"v_prediction"`` (from the scheduler config)."""
+        """``"epsilon"`` or ``"v_prediction"`` (from the scheduler config); ``"flow_prediction"``
+        (velocity eps - x0) for the flow-matching families."""
         if self.scheduler is None:
             raise ModelLoadError(
                 f"the scheduler of {self.source} was not loaded, so its prediction type is unknown",
                 hint="keep 'scheduler' in components=",
             )
+        if self.is_flow:
+            return "flow_prediction"
         return str(self.scheduler.config.get("prediction_type", "epsilon"))
 
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -110,7 +153,8 @@ class DiffusionComponents:
         }
 
     def pipeline(self, scheduler: Any = None):
-        """A ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` over these components.
+        """The stock diffusers pipeline over these components: ``StableDiffusionPipeline``,
+        ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline`` or ``FluxPipeline``.
 
         No safety checker, no watermarker, progress bar disabled. ``scheduler`` replaces the
         loaded one: a scheduler instance, or a diffusers scheduler class name (for example
@@ -128,6 +172,11 @@ class DiffusionComponents:
                 hint="load it without restricting components=",
             )
         sched = _make_scheduler(scheduler, self.scheduler)
+        if self.is_flow:
+            parts = {name: getattr(self, name) for name in needed}
+            pipe = flow.build_pipeline(self.family, {**parts, "scheduler": sched})
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
         kwargs = {
             "vae": self.vae,
             "text_encoder": self.text_encoder,
@@ -168,8 +217,6 @@ def _make_scheduler(spec: Any, loaded: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Device and dtype
 # --------------------------------------------------------------------------------------------
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +289,7 @@ def _resolve_source(
     raise AssetNotFoundError(
         f"{what} {text} does not exist",
         hint="give an existing local folder or file, a hub repo id (org/name) or "
-        + ", ".join(f"'{n}'" for n in ("tiny-sd15", "tiny-sdxl", *SHIPPED_MODELS)),
+        + ", ".join(f"'{n}'" for n in (*ALL_TINY_MODELS, *SHIPPED_MODELS)),
     )
 
 
@@ -311,7 +358,9 @@ def _hub_problem(
             hint=_download_hint(repo_id),
         )
     if _in_chain(exc, (err.EntryNotFoundError,)):
-        return ModelLoadError(f"{ref} has no {what}", hint="check that it is an SD1.5 / SDXL diffusers repo")
+        return ModelLoadError(
+            f"{ref} has no {what}", hint="check that it is an SD1.5 / SDXL / SD3 / FLUX.1 diffusers repo"
+        )
     if found := _in_chain(exc, (err.HfHubHTTPError,)):
         return AssetNotFoundError(f"cannot download {what} of {ref}: {_first_line(found)}")
     return None
@@ -414,12 +463,16 @@ def _family_from_model_index(index: dict[str, Any]) -> tuple[str | None, str]:
         return "sdxl", f"model_index.json _class_name {name}"
     if name.startswith("StableDiffusion") and not name.startswith(("StableDiffusion3", "StableDiffusionXL")):
         return "sd15", f"model_index.json _class_name {name}"
-    if name.startswith(
-        ("StableDiffusion3", "Flux", "PixArt", "Sana", "Kandinsky", "Wuerstchen", "StableCascade")
-    ):
+    family, why = flow.family_from_pipeline_class(name)
+    if family is not None:
+        return family, why
+    if name.startswith(("Flux", "PixArt", "Sana", "Kandinsky", "Wuerstchen", "StableCascade")):
         raise ModelLoadError(
-            f"model_index.json declares a {name}; smpo supports SD1.5- and SDXL-family pipelines only"
+            f"model_index.json declares a {name}; smpo supports SD1.5, SDXL, SD3 / SD3.5 and FLUX.1 pipelines only"
         )
+    family, why = flow.family_from_index_entries(index)
+    if family is not None:
+        return family, why
     te2 = index.get("text_encoder_2")
     if isinstance(te2, list | tuple) and te2 and te2[0] is not None:
         return "sdxl", "model_index.json lists text_encoder_2"
@@ -434,6 +487,9 @@ def _family_from_unet_config(config: dict[str, Any]) -> tuple[str, str]:
 
 def _family_from_keys(keys: Iterable[str]) -> tuple[str | None, str]:
     keys = set(keys)
+    family, why = flow.family_from_keys(keys)
+    if family is not None:  # before the SD1.x test: SD3 checkpoints also use model.diffusion_model.
+        return family, why
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sdxl", "checkpoint has two text encoders (conditioner.embedders.1)"
     if "conditioner.embedders.0.model.text_projection" in keys:
@@ -522,7 +578,8 @@ def _read_unet_config(source: _Source, offline: bool) -> dict[str, Any]:
 def detect_family(
     pretrained: str | os.PathLike[str], *, revision: str | None = None, local_files_only: bool | None = None
 ) -> str:
-    """``"sd15"`` or ``"sdxl"`` for a tiny name, folder, single file or hub id, without loading weights."""
+    """``"sd15"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` for a tiny name, folder, single file or hub id,
+    without loading weights."""
     offline = _offline(local_files_only)
     source = _resolve_source(pretrained, what="model", revision=revision, offline=offline)
     family, _ = _detect(source, offline)
@@ -534,7 +591,8 @@ def _detect(source: _Source, offline: bool) -> tuple[str, str]:
         family, why = _family_from_keys(_checkpoint_keys(Path(source.ref)))
         if family is None:
             raise ModelLoadError(
-                f"{source.display} does not look like an SD1.5 or SDXL checkpoint (no UNet / text encoder keys)"
+                f"{source.display} does not look like an SD1.5, SDXL, SD3 or FLUX.1 checkpoint "
+                "(no UNet / transformer / text encoder keys)"
             )
         return family, why
     family, why = _family_from_model_index(_read_model_index(source, offline))
@@ -578,14 +636,14 @@ def _weights_file(folder: Path, library: str, variant: str | None) -> Path | Non
     return None
 
 
-def _model_class(name: str):
-    if name in ("unet", "vae"):
+def _model_class(name: str, family: str = "sd15"):
+    if name in _DIFFUSERS_MODELS:
         import diffusers
 
-        return getattr(diffusers, _ALLOWED_CLASSES[name][0])
+        return getattr(diffusers, _allowed(name, family)[0])
     import transformers
 
-    return getattr(transformers, _ALLOWED_CLASSES[name][0])
+    return getattr(transformers, _allowed(name, family)[0])
 
 
 def _load_model(
@@ -599,10 +657,11 @@ def _load_model(
     dtype: torch.dtype,
     offline: bool,
     display: str,
+    family: str = "sd15",
 ):
     """``from_pretrained`` of one model component, with checks first and one-line errors."""
-    cls = _model_class(name)
-    library = "diffusers" if name in ("unet", "vae") else "transformers"
+    cls = _model_class(name, family)
+    library = "diffusers" if name in _DIFFUSERS_MODELS else "transformers"
     where = f"{root}/{subfolder}" if subfolder else root
     files = ""
     if not hub:
@@ -666,27 +725,29 @@ def _component_dir(name: str, source: _Source, offline: bool, patterns: list[str
     return folder
 
 
-def _load_tokenizer(name: str, source: _Source, offline: bool):
-    from transformers import CLIPTokenizer
+def _load_tokenizer(name: str, source: _Source, offline: bool, family: str = "sd15"):
+    from transformers import CLIPTokenizer, T5Tokenizer
 
+    t5 = flow.tokenizer_kind(family, name) == "t5"
+    tok_cls = T5Tokenizer if t5 else CLIPTokenizer
     folder = _component_dir(name, source, offline, [f"{name}/*"])
     has_json = (folder / "tokenizer.json").is_file()
     has_bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
-    if not (has_json or has_bpe):
+    has_spm = (folder / "spiece.model").is_file()
+    if not (has_json or (has_spm if t5 else has_bpe)):
         # transformers silently builds an empty tokenizer here: refuse instead.
         cls_ = AssetNotFoundError if source.kind == "hub" else ModelLoadError
-        raise cls_(
-            f"{name}: no tokenizer files in {folder} (expected vocab.json + merges.txt, or tokenizer.json)"
-        )
+        expected = "tokenizer.json or spiece.model" if t5 else "vocab.json + merges.txt, or tokenizer.json"
+        raise cls_(f"{name}: no tokenizer files in {folder} (expected {expected})")
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = tok_cls.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:
         if not isinstance(exc, _load_error_types()):
             raise
         raise ModelLoadError(f"cannot load {name} from {folder}: {_reason(exc)}") from exc
     if len(tokenizer) <= 3:
         raise ModelLoadError(f"{name}: the tokenizer in {folder} has an empty vocabulary")
-    logger.debug("loaded %s (CLIPTokenizer, %d tokens) from %s", name, len(tokenizer), folder)
+    logger.debug("loaded %s (%s, %d tokens) from %s", name, tok_cls.__name__, len(tokenizer), folder)
     return tokenizer
 
 
@@ -713,7 +774,9 @@ def _load_scheduler(source: _Source, offline: bool):
     return scheduler
 
 
-def _check_index_classes(index: dict[str, Any], wanted: list[str], display: str) -> None:
+def _check_index_classes(
+    index: dict[str, Any], wanted: list[str], display: str, family: str = "sd15"
+) -> None:
     for name in wanted:
         if name == "scheduler":
             continue
@@ -723,13 +786,15 @@ def _check_index_classes(index: dict[str, Any], wanted: list[str], display: str)
                 f"{display}: model_index.json lists no {name}",
                 hint="is it an SDXL refiner or an image-variation pipeline? smpo needs a text-to-image base model",
             )
-        if entry[1] not in _ALLOWED_CLASSES[name]:
+        if entry[1] not in _allowed(name, family):
             raise ModelLoadError(
-                f"{display}: {name} is a {entry[1]}; expected {' or '.join(_ALLOWED_CLASSES[name])}"
+                f"{display}: {name} is a {entry[1]}; expected {' or '.join(_allowed(name, family))}"
             )
 
 
-def _locate_override(name: str, spec: str | os.PathLike[str], offline: bool) -> tuple[_Source, str | None]:
+def _locate_override(
+    name: str, spec: str | os.PathLike[str], offline: bool, family: str = "sd15"
+) -> tuple[_Source, str | None]:
     """Where a separate ``unet=`` / ``vae=`` lives: (source, subfolder) for folders and hub ids."""
     source = _resolve_source(spec, what=name, revision=None, offline=offline)
     if source.kind == "single_file":
@@ -742,7 +807,7 @@ def _locate_override(name: str, spec: str | os.PathLike[str], offline: bool) -> 
             return source, name
         raise ModelLoadError(
             f"{name}: {root} holds neither config.json nor {name}/config.json",
-            hint=f"give a folder written by {_ALLOWED_CLASSES[name][0]}.save_pretrained, or its parent",
+            hint=f"give a folder written by {_allowed(name, family)[0]}.save_pretrained, or its parent",
         )
     err = _hub_errors()
     try:
@@ -766,8 +831,9 @@ def _load_override(
     variant: str | None,
     dtype: torch.dtype,
     offline: bool,
+    family: str = "sd15",
 ):
-    source, subfolder = _locate_override(name, spec, offline)
+    source, subfolder = _locate_override(name, spec, offline, family)
     if source.kind != "single_file":
         return _load_model(
             name,
@@ -779,9 +845,10 @@ def _load_override(
             dtype=dtype,
             offline=offline,
             display=source.display,
+            family=family,
         ), source.display
     # A single file: the architecture comes from the base model's config.
-    cls = _model_class(name)
+    cls = _model_class(name, family)
     config_root = base_config or base.ref
     try:
         model = cls.from_single_file(
@@ -844,7 +911,16 @@ def _load_single_file(
     _check_family(family, config_family, why, f"config {config_dir}")
     kwargs: dict[str, Any] = {n: None for n in FAMILY_COMPONENTS[family] if n not in wanted}
     kwargs.update(overrides)
-    if family == "sd15":
+    if flow.is_flow_family(family):
+        cls = flow.single_file_pipeline_class(family)
+        kwargs.update(image_encoder=None, feature_extractor=None)
+        # SD3.5 / FLUX.1 files usually hold the transformer (and VAE) only: the other parts come from the
+        # config folder, loaded here (see flow.parts_missing_from for why diffusers cannot).
+        for name in flow.parts_missing_from(family, _checkpoint_keys(Path(source.ref))):
+            if name in wanted and name not in kwargs:
+                kwargs[name] = _load_model(name, config_dir, name, hub=False, revision=None, variant=None,
+                                           dtype=dtype, offline=True, display=f"config {config_dir}", family=family)  # fmt: skip
+    elif family == "sd15":
         cls = StableDiffusionPipeline
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
@@ -890,6 +966,9 @@ def _count(module: Any) -> str:
 
 
 def _consistency_checks(loaded: dict[str, Any], family: str, display: str) -> None:
+    if flow.is_flow_family(family):
+        flow.check_consistency(loaded, family, display)
+        return
     unet, te, te2 = loaded.get("unet"), loaded.get("text_encoder"), loaded.get("text_encoder_2")
     encoders = [loaded.get(n) for n in ("text_encoder", "text_encoder_2") if n in FAMILY_COMPONENTS[family]]
     if unet is not None:
@@ -953,13 +1032,15 @@ def load_components(
     components: Iterable[str] | None = None,
     local_files_only: bool | None = None,
 ) -> DiffusionComponents:
-    """Load an SD1.5 / SDXL model's components from any supported source (see module doc).
+    """Load an SD1.5 / SDXL / SD3 / FLUX.1 model's components from any supported source (see module doc).
 
     Args:
         pretrained: tiny name, local diffusers folder, single-file checkpoint, hub file URL or repo id.
-        family: ``"auto"`` (detect), ``"sd15"`` or ``"sdxl"`` (a mismatch with what is on disk is an error).
+        family: ``"auto"`` (detect), ``"sd15"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` (a mismatch with
+            what is on disk is an error).
         vae: a separate VAE (folder, folder with ``vae/``, single file or hub id) replacing the model's.
-        unet: a separate UNet (same forms) replacing the model's, e.g. an SFT UNet.
+        unet: a separate UNet (same forms) replacing the model's, e.g. an SFT UNet; for SD3 / FLUX.1 a
+            separate transformer (a folder with ``config.json`` or ``transformer/``, a single file, a hub id).
         config: for single-file checkpoints, the diffusers folder / hub id / tiny name giving the
             architecture (default: the family's reference hub repo, which must then be cached).
         revision: hub revision of ``pretrained``.
@@ -970,7 +1051,7 @@ def load_components(
         local_files_only: never touch the network (default: ``HF_HUB_OFFLINE``).
     """
     if family not in ("auto", *FAMILIES):
-        raise UsageError(f"unknown model family {family!r}", hint="use auto, sd15 or sdxl")
+        raise UsageError(f"unknown model family {family!r}", hint="use auto, " + ", ".join(FAMILIES))
     with _quiet_libraries():
         return _load_components(
             pretrained,
@@ -1017,7 +1098,7 @@ def _load_components(
         logger.debug("config=%s ignored: %s is not a single-file checkpoint", config, source.display)
     origins: dict[str, str] = {}
     overrides: dict[str, Any] = {}
-    for name, spec in (("unet", unet), ("vae", vae)):
+    for name, spec in ((_denoiser(family), unet), ("vae", vae)):
         if spec is None:
             continue
         if name not in wanted:
@@ -1031,13 +1112,14 @@ def _load_components(
             variant=variant,
             dtype=torch_dtype,
             offline=offline,
+            family=family,
         )
 
     if source.kind == "single_file":
         loaded = _load_single_file(source, family, config_dir, wanted, overrides, torch_dtype)
     else:
         index = _read_model_index(source, offline)
-        _check_index_classes(index, [n for n in wanted if n not in overrides], source.display)
+        _check_index_classes(index, [n for n in wanted if n not in overrides], source.display, family)
         loaded = {}
         for name in FAMILY_COMPONENTS[family]:
             if name not in wanted:
@@ -1045,7 +1127,7 @@ def _load_components(
             elif name in overrides:
                 loaded[name] = overrides[name]
             elif name.startswith("tokenizer"):
-                loaded[name] = _load_tokenizer(name, source, offline)
+                loaded[name] = _load_tokenizer(name, source, offline, family)
             elif name == "scheduler":
                 loaded[name] = _load_scheduler(source, offline)
             else:
@@ -1059,6 +1141,7 @@ def _load_components(
                     dtype=torch_dtype,
                     offline=offline,
                     display=source.display,
+                    family=family,
                 )
     _consistency_checks(loaded, family, source.display)
 
@@ -1106,4 +1189,7 @@ def _load_components(
         source=source.display,
         dtype=torch_dtype,
         device=torch_device,
+        transformer=loaded.get("transformer"),
+        text_encoder_3=loaded.get("text_encoder_3"),
+        tokenizer_3=loaded.get("tokenizer_3"),
     )

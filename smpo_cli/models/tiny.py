@@ -1,16 +1,21 @@
-"""Tiny SD1.5- and SDXL-shaped pipelines, built in-process and saved in the real diffusers format.
+"""Tiny SD1.5-, SDXL-, SD3- and FLUX.1-shaped pipelines, built in-process and saved in the real diffusers format.
 
-``tiny-sd15`` and ``tiny-sdxl`` are model names that resolve to these pipelines. They follow
-diffusers' own dummy test components (``get_dummy_components``): real classes and real
-architectures (cross-attention UNet, 2-level VAE, CLIP text encoders of hidden size 32, the
-SDXL ``text_time`` conditioning), only small. Every build gives bit-identical weights.
+``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` are model names that resolve to these
+pipelines. They follow diffusers' own dummy test components (``get_dummy_components``): real classes
+and real architectures (cross-attention UNet, 2-level VAE, CLIP text encoders of hidden size 32, the
+SDXL ``text_time`` conditioning; for the flow-matching families an MMDiT ``SD3Transformer2DModel``
+with SD3.5's qk-norm and dual attention, a guidance-distilled ``FluxTransformer2DModel``, a T5
+encoder, 16-channel VAEs and ``FlowMatchEulerDiscreteScheduler``), only small. Every build gives
+bit-identical weights. ``TINY_MODELS`` lists the UNet models every stage supports; the flow-matching
+ones (``TINY_FLOW_MODELS``) load and generate so far.
 
 ``materialize_tiny(name)`` writes the pipeline once under ``cache_dir()/models/<name>-v<N>``
 with ``save_pretrained`` (safetensors + ``model_index.json``), so it is loaded back through the
 same code path as a real checkpoint.
 
 The CLIP tokenizer those pipelines use is made by this module (no download ever) and shipped in
-``smpo_cli/models/assets/tiny_clip_tokenizer``. Regenerate it with::
+``smpo_cli/models/assets/tiny_clip_tokenizer``; the T5 tokenizer of the flow models is a Unigram
+model over the same words, built in-process (:func:`smpo_cli.models.flow.build_t5_tokenizer`). Regenerate it with::
 
     python -m smpo_cli.models.tiny --write-tokenizer smpo_cli/models/assets/tiny_clip_tokenizer
 
@@ -36,8 +41,10 @@ from smpo_cli.utils.paths import cache_dir
 logger = get_logger(__name__)
 
 BUILDER_VERSION = 1
-TINY_FAMILIES = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
-TINY_MODELS = tuple(TINY_FAMILIES)
+TINY_FAMILIES = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+TINY_MODELS = ("tiny-sd15", "tiny-sdxl")  # UNet models: every stage
+TINY_FLOW_MODELS = ("tiny-sd3", "tiny-flux")  # flow matching: loading and generation
+ALL_TINY_MODELS = TINY_MODELS + TINY_FLOW_MODELS
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_clip_tokenizer"
 MARKER_FILE = "smpo_tiny.json"
 
@@ -256,6 +263,129 @@ def _vae(scaling_factor: float, force_upcast: bool):
     )
 
 
+def _flow_vae(scaling_factor: float, shift_factor: float):
+    """A 2-level VAE with 16 latent channels and no quant convs, as SD3 and FLUX.1 ship."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    )
+
+
+def _t5_encoder_config(vocab_size: int, d_model: int):
+    """A T5 v1.1-style encoder (gated GELU, as T5-XXL): 2 layers, ``d_model`` wide."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def _build_flow_components(family: str, tokenizer) -> dict[str, Any]:
+    """SD3.5- or FLUX.1-shaped components (called inside the builder's forked RNG)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
+    from smpo_cli.models.flow import build_t5_tokenizer
+
+    vocab_size = len(tokenizer)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    t5_tokenizer = build_t5_tokenizer(PROMPT_WORDS)
+    components: dict[str, Any] = {"tokenizer": tokenizer}
+    if family == "sd3":
+        # CLIP-L-like (32) and bigG-like (64) encoders with projections; their pooled projections are
+        # concatenated (96), their hidden states concatenated and zero-padded to the T5 width (128).
+        te_config = _text_encoder_config(vocab_size, bos, eos, hidden=32, intermediate=37, act="quick_gelu")
+        te2_config = _text_encoder_config(vocab_size, bos, eos, hidden=64, intermediate=128, act="gelu")
+        torch.manual_seed(SEED)
+        components["transformer"] = SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=128,
+            caption_projection_dim=32,
+            pooled_projection_dim=32 + 64,
+            pos_embed_max_size=32,
+            qk_norm="rms_norm",  # SD3.5
+            dual_attention_layers=(0,),  # SD3.5 medium's MMDiT-X
+        )
+        torch.manual_seed(SEED)
+        components["vae"] = _flow_vae(scaling_factor=1.5305, shift_factor=0.0609)
+        torch.manual_seed(SEED)
+        components["text_encoder"] = CLIPTextModelWithProjection(te_config)
+        torch.manual_seed(SEED)
+        components["text_encoder_2"] = CLIPTextModelWithProjection(te2_config)
+        components["tokenizer_2"] = load_tiny_tokenizer(pad_token="!")
+        torch.manual_seed(SEED)
+        components["text_encoder_3"] = T5EncoderModel(_t5_encoder_config(len(t5_tokenizer), 128))
+        components["tokenizer_3"] = t5_tokenizer
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    else:
+        te_config = _text_encoder_config(vocab_size, bos, eos, hidden=32, intermediate=37, act="quick_gelu")
+        torch.manual_seed(SEED)
+        components["transformer"] = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16 * 4,  # 2x2-packed 16-channel latents
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=64,
+            pooled_projection_dim=32,
+            guidance_embeds=True,  # FLUX.1 [dev] is guidance-distilled
+            axes_dims_rope=(4, 6, 6),
+        )
+        torch.manual_seed(SEED)
+        components["vae"] = _flow_vae(scaling_factor=0.3611, shift_factor=0.1159)
+        torch.manual_seed(SEED)
+        components["text_encoder"] = CLIPTextModel(te_config)
+        torch.manual_seed(SEED)
+        components["text_encoder_2"] = T5EncoderModel(_t5_encoder_config(len(t5_tokenizer), 64))
+        components["tokenizer_2"] = t5_tokenizer
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    components.update(image_encoder=None, feature_extractor=None)
+    return components
+
+
 def build_tiny_components(name: str) -> dict[str, Any]:
     """Fresh, deterministic components of ``name`` (keyword arguments of the pipeline class).
 
@@ -267,6 +397,13 @@ def build_tiny_components(name: str) -> dict[str, Any]:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     family = _family_of(name)
+    if family in ("sd3", "flux"):
+        with torch.random.fork_rng(devices=[]):
+            components = _build_flow_components(family, load_tiny_tokenizer())
+        for module in components.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval()
+        return components
     tokenizer = load_tiny_tokenizer()
     vocab_size = len(tokenizer)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -338,11 +475,16 @@ def build_tiny_components(name: str) -> dict[str, Any]:
 
 
 def build_tiny_pipeline(name: str):
-    """A ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` of fresh tiny components."""
+    """The stock diffusers pipeline (SD, SDXL, SD3, FLUX) of fresh tiny components."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     components = build_tiny_components(name)
-    if _family_of(name) == "sd15":
+    family = _family_of(name)
+    if family in ("sd3", "flux"):
+        from smpo_cli.models.flow import build_pipeline
+
+        pipe = build_pipeline(family, components)
+    elif family == "sd15":
         pipe = StableDiffusionPipeline(**components)
     else:
         pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
@@ -357,7 +499,7 @@ def _family_of(name: str) -> str:
         from smpo_cli.errors import AssetNotFoundError
 
         raise AssetNotFoundError(
-            f"unknown tiny model {name!r}", hint=f"choose one of {', '.join(TINY_MODELS)}"
+            f"unknown tiny model {name!r}", hint=f"choose one of {', '.join(ALL_TINY_MODELS)}"
         ) from None
 
 
@@ -448,7 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Regenerate the shipped tiny CLIP tokenizer files or materialise a tiny pipeline.",
     )
     parser.add_argument("--write-tokenizer", metavar="DIR", help="write vocab.json, merges.txt, config")
-    parser.add_argument("--materialize", metavar="NAME", choices=TINY_MODELS, help="write NAME to the cache")
+    parser.add_argument(
+        "--materialize", metavar="NAME", choices=ALL_TINY_MODELS, help="write NAME to the cache"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if already materialised")
     args = parser.parse_args(argv)
     if not (args.write_tokenizer or args.materialize):

@@ -40,7 +40,8 @@ def save_checkpoint(output_dir, step: int, trainable: dict[str, torch.Tensor], o
     with atomic_path(dest) as tmp:
         tmp.mkdir(parents=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        # an optimiser, or its state already gathered (FSDP: the full state, keyed by parameter name)
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     for old in list_checkpoints(output_dir)[:-keep]:

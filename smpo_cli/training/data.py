@@ -195,6 +195,9 @@ class PairExamples(torch.utils.data.Dataset):
         prompt = t.prompts[idx] if rng.random() >= d.empty_prompt_prob else ""
         out: dict[str, Any] = {"row": int(t.row_ids[idx]), "position": int(position), "prompt": prompt,
                                "p": float(t.p[idx])}  # fmt: skip
+        if getattr(self.cache, "by_position", False):  # the plan cache: this visit's x0, x_t and t, winner first
+            cached = self.cache.visit(int(position), int(t.row_ids[idx]))
+            return cached if "skip_reason" in cached else {**out, **cached}
         if self.cache is not None:
             cached = self.cache.get(int(t.row_ids[idx]))
             order = [w, 1 - w]
@@ -235,7 +238,7 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     batch["position"] = torch.tensor([x["position"] for x in good])
     batch["prompt"] = [x["prompt"] for x in good]
     batch["p"] = torch.tensor([x["p"] for x in good], dtype=torch.float32)
-    for key in ("pixels", "latents", "inverted", "original_size", "crop_top_left"):
+    for key in ("pixels", "latents", "inverted", "original_size", "crop_top_left", "plan_t", "plan_step"):
         if key in good[0]:
             batch[key] = torch.stack([x[key] for x in good])
     return batch
@@ -269,6 +272,10 @@ class PositionSampler(torch.utils.data.Sampler):
 
 
 def cache_for(recipe: TrainRecipe):
+    if recipe.inversion.source == "plan":
+        from smpo_cli.inversion.plan_cache import open_plan_cache
+
+        return open_plan_cache(recipe)
     if recipe.inversion.source != "cache":
         return None
     from smpo_cli.inversion.cache import InversionCache

@@ -27,6 +27,16 @@ from smpo_cli.training.checkpoint import (
     resume_settings,
     save_checkpoint,
 )
+from smpo_cli.training.sharding import (
+    check_sharding,
+    device_mesh,
+    full_model_state,
+    full_optimizer_state,
+    load_any_optimizer_state,
+    local_fraction,
+    plain_unet,
+    shard_unet,
+)
 from smpo_cli.training.step import STEP_METRICS
 from smpo_cli.utils.logging import get_logger
 
@@ -51,6 +61,8 @@ class TrainResult:
     ranks_in_sync: bool
     trainable_checksum: float
     seconds: float
+    sharding: str = "none"  # fsdp: the UNet was split across the processes
+    local_param_fraction: float = 1.0  # the share of the trained parameters the main process held
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +112,7 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
     resume_from = resolve_resume(out_dir, t.resume)
     saved_state = json.loads((resume_from / "state.json").read_text()) if resume_from is not None else None
     split = plan_batches(r, world, saved_state)  # before any weight loads: a bad split fails at once
+    sharded = check_sharding(r, world, str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)))
     grad_accum, per_step_pairs = split.grad_accum_steps, split.pairs_per_step
     if saved_state and saved_state.get("processes") not in (None, world):
         logger.info("resuming a %s-process checkpoint on %d processes: grad_accum_steps %d keeps %d pairs per step",
@@ -138,21 +151,28 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    lr = r.optim.lr * per_step_pairs if r.optim.scale_lr else r.optim.lr
-    optimizer = _optimizer(r, params, lr)
-    scheduler = get_scheduler(r.optim.lr_scheduler, optimizer, num_warmup_steps=r.optim.warmup_steps,
-                              num_training_steps=t.max_steps)  # fmt: skip
-    start_step, positions_done, skipped_total, nonfinite = 0, 0, 0, 0
-    if resume_from is not None:
-        ck = load_checkpoint(resume_from)
+    ck = load_checkpoint(resume_from) if resume_from is not None else None
+    if ck is not None:  # the weights go in before sharding: a checkpoint holds full tensors
         if t.lora_rank is not None:
             from smpo_cli.training.lora import load_lora_state_dict
 
             load_lora_state_dict(unet, ck["trainable"])
         else:
             unet.load_state_dict(ck["trainable"])
-        optimizer.load_state_dict(ck["optimizer"])
+    unet_class, unet_config = type(unet), unet.config
+    if sharded:
+        mesh = device_mesh(device, world)
+        shard_unet(unet, mesh)
+        if ref_unet is not None:
+            shard_unet(ref_unet, mesh)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    lr = r.optim.lr * per_step_pairs if r.optim.scale_lr else r.optim.lr
+    optimizer = _optimizer(r, params, lr)
+    scheduler = get_scheduler(r.optim.lr_scheduler, optimizer, num_warmup_steps=r.optim.warmup_steps,
+                              num_training_steps=t.max_steps)  # fmt: skip
+    start_step, positions_done, skipped_total, nonfinite = 0, 0, 0, 0
+    if ck is not None:
+        load_any_optimizer_state(unet, optimizer, ck["optimizer"], sharded)
         scheduler.load_state_dict(ck["scheduler"])
         st = ck["state"]
         check_resume_settings(st.get("settings"), r, resume_from)
@@ -161,8 +181,10 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         positions_done = st.get("positions", st.get("micro_batches", 0) * t.batch_size)
         skipped_total, nonfinite = st.get("skipped_pairs", 0), st.get("nonfinite_steps", 0)
         logger.info("resuming from %s (step %d)", resume_from, start_step)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if not sharded:  # FSDP2 syncs gradients itself: accelerate must not wrap the UNet (in DDP or its own FSDP)
+        unet, optimizer = accelerator.prepare(unet, optimizer)
     raw_unet = accelerator.unwrap_model(unet)
+    held = local_fraction(params)
     schedule = NoiseSchedule.from_scheduler(comps.scheduler, comps.prediction_type)
     models = StepModels(r, comps, unet, raw_unet, ref_unet, schedule, grid=make_grid(r, schedule),
                         cache_levels=cache.levels if cache is not None else [], autocast=accelerator.autocast)  # fmt: skip
@@ -205,16 +227,26 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                 readable += batch["size"]
                 reasons += batch.get("skip_reason", [])
                 sync = micro == grad_accum - 1
-                ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(unet)
+                if sharded:
+                    unet.set_requires_gradient_sync(sync)
+                    ctx = contextlib.nullcontext()
+                else:
+                    ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(unet)
                 with ctx:
                     if batch["size"] == 0:
+                        if sharded:  # FSDP's all-gathers need every process in every forward
+                            raise DataError(f"{r.data.path}: a micro-batch of step {step + 1} has no readable pair "
+                                            f"on process {accelerator.process_index}; train.sharding=fsdp needs "
+                                            "one on every process", hint="remove the unreadable pairs, or use "
+                                            "train.sharding=none")  # fmt: skip
                         accelerator.backward(sum(p.sum() for p in params) * 0.0)  # keep DDP's collectives in step
                         continue
                     draws = PairDraws(r.seed, step, batch["position"].tolist())
                     loss, mets = micro_batch_loss(models, batch, draws, device)
                     if not torch.isfinite(loss):
                         bad = True
-                        accelerator.backward(sum(p.sum() for p in params) * 0.0)
+                        # FSDP: the backward runs (its reduce-scatters pair with the forward); the step is skipped
+                        accelerator.backward(loss if sharded else sum(p.sum() for p in params) * 0.0)
                         continue
                     # the sum of the micro-batch's pair losses over the global batch (DDP averages over processes):
                     # the step's gradient is the same however its pairs are split (a skipped pair counts 0)
@@ -246,7 +278,11 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                 continue
             grad_norm = None
             if r.optim.max_grad_norm is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(params, r.optim.max_grad_norm))
+                if sharded:
+                    norm = torch.nn.utils.clip_grad_norm_(params, r.optim.max_grad_norm)
+                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                else:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, r.optim.max_grad_norm))
             lr_used = scheduler.get_last_lr()[0]  # the lr of this step (warm-up starts at 0)
             optimizer.step()
             scheduler.step()
@@ -270,16 +306,29 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
             every = t.checkpoint_every_steps
             if (every and step % every == 0) or step == t.max_steps:
                 accelerator.wait_for_everyone()
+                if sharded:  # collectives: every process gathers, the main process writes
+                    trainable, opt_state = full_model_state(raw_unet), full_optimizer_state(raw_unet, optimizer)
+                else:
+                    trainable, opt_state = None, optimizer
                 if accelerator.is_main_process:
-                    save_checkpoint(out_dir, step, _trainable_state(raw_unet, t.lora_rank is not None), optimizer,
+                    if trainable is None:
+                        trainable = _trainable_state(raw_unet, t.lora_rank is not None)
+                    save_checkpoint(out_dir, step, trainable, opt_state,
                                     scheduler, {"positions": positions_done, "pairs_per_step": per_step_pairs,
                                                 "processes": world, "skipped_pairs": skipped_total,
                                                 "nonfinite_steps": nonfinite, "settings": resume_settings(r)},
                                     t.keep_checkpoints)  # fmt: skip
     seconds = time.perf_counter() - t0
-    checksum = _checksum(p for p in raw_unet.parameters() if p.requires_grad)
-    sums_all = accelerator.gather(torch.tensor([checksum], dtype=torch.float64, device=device))
-    in_sync = bool(torch.allclose(sums_all, sums_all[0].expand_as(sums_all), rtol=0, atol=0))
+    export_unet = raw_unet
+    if sharded:  # one copy of the weights, split: gather it (collective) for the checksum and the export
+        full = full_model_state(raw_unet)
+        export_unet = plain_unet(unet_class, unet_config, full) if accelerator.is_main_process else None
+        checksum = _checksum(full.values()) if accelerator.is_main_process else 0.0
+        in_sync = True
+    else:
+        checksum = _checksum(p for p in raw_unet.parameters() if p.requires_grad)
+        sums_all = accelerator.gather(torch.tensor([checksum], dtype=torch.float64, device=device))
+        in_sync = bool(torch.allclose(sums_all, sums_all[0].expand_as(sums_all), rtol=0, atol=0))
     if not in_sync:
         raise SmpoError(f"ranks ended with different weights (checksums {sums_all.tolist()})", hint="report this with `smpo env`")
     model_path = ""
@@ -289,7 +338,7 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         if t.lora_rank is not None:
             model_path = str(save_lora(raw_unet, out_dir / "lora", comps.family))
         else:
-            model_path = str(save_pipeline(comps, raw_unet, out_dir / "pipeline"))
+            model_path = str(save_pipeline(comps, export_unet, out_dir / "pipeline"))
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()
@@ -301,6 +350,7 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         pairs_per_second=round(pairs_done / max(seconds, 1e-9), 3),
         unet_calls_per_step=sum(h["unet_calls"] for h in history) / n_steps if history else 0.0,
         skipped_pairs=skipped_total, nonfinite_steps=nonfinite, model_path=model_path, ranks_in_sync=in_sync,
+        sharding="fsdp" if sharded else "none", local_param_fraction=round(held, 6),
         trainable_checksum=checksum, seconds=round(time.perf_counter() - started, 3), metrics=history,
     )  # fmt: skip
 

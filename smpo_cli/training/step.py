@@ -150,6 +150,12 @@ def micro_batch_loss(models: StepModels, batch: dict[str, Any], draws: PairDraws
         t = t_pair.repeat(2)
         abar = models.schedule.abar(t).to(device)
         tau = implied_noise(x_t, x0, abar)
+    elif inv.source == "plan":  # inverted to exactly the planned t before training (smpo_cli.inversion.plan_cache)
+        t_pair = batch["plan_t"].long()
+        t = t_pair.repeat(2)
+        x_t = both("inverted").to(device)
+        abar = models.schedule.abar(t).to(device)
+        tau = implied_noise(x_t, x0, abar)
     elif inv.source == "online":
         t_pair = _sample_t(models, draws)
         t = t_pair.repeat(2)

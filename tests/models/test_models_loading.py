@@ -119,7 +119,7 @@ def test_forced_family(tiny_dirs):
     text = one_line(exc)
     assert "sdxl" in text and "family=sd15" in text and str(tiny_dirs["sdxl"]) in text
     with pytest.raises(UsageError):
-        load_components("tiny-sd15", family="sd3")
+        load_components("tiny-sd15", family="sd9")
 
 
 # --- components, dtype, device --------------------------------------------------------------

@@ -176,8 +176,8 @@ def test_materialize_concurrent_callers_build_once(tmp_path, monkeypatch, caplog
 def test_unknown_tiny_name():
     from smpo_cli.errors import AssetNotFoundError
 
-    with pytest.raises(AssetNotFoundError, match="tiny-sd3"):
-        materialize_tiny("tiny-sd3")
+    with pytest.raises(AssetNotFoundError, match="tiny-sd9"):
+        materialize_tiny("tiny-sd9")
 
 
 def test_tiny_module_imports_no_torch():

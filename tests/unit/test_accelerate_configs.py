@@ -3,8 +3,8 @@
 Each file goes through what ``accelerate launch --config_file FILE`` does before it starts any process:
 ``load_config_from_file`` (unknown top-level keys are errors there), ``_validate_launch_command`` (the
 file's values become launch arguments) and the environment the launcher hands to the workers; the FSDP
-and DeepSpeed plugins are then built from that environment, as ``Accelerator()`` builds them in each
-worker. Everything runs on CPU; only the check that needs the ``deepspeed`` package skips without it.
+plugin is then built from that environment, as ``Accelerator()`` builds it in each
+worker. Everything runs on CPU.
 The launch commands in each file's header must name bundled train recipes and valid overrides.
 """
 
@@ -25,8 +25,6 @@ EXPECTED = {
     "single_gpu": "NO",
     "ddp_8gpu": "MULTI_GPU",
     "fsdp_full_shard": "FSDP",
-    "deepspeed_zero2": "DEEPSPEED",
-    "deepspeed_zero3": "DEEPSPEED",
     "multi_node": "MULTI_GPU",
 }
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -192,39 +190,6 @@ def test_fsdp_wrap_classes_exist_in_the_unets(family, counts):
     share = wrapped / sum(p.numel() for p in unet.parameters())
     assert share > (0.9 if family == "sd15" else 0.97)
     assert UNET_BLOCKS == list(type(unet)._no_split_modules[:2])
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_plugin_from_the_config(stage):
-    """DeepSpeedPlugin builds its DeepSpeed config dict without importing deepspeed."""
-    from accelerate.utils import DeepSpeedPlugin
-
-    _, env = _worker_env(CONFIG_DIR / f"deepspeed_zero{stage}.yaml")
-    with mock.patch.dict(os.environ, env, clear=True):
-        plugin = DeepSpeedPlugin()
-    assert plugin.zero_stage == stage
-    assert plugin.zero3_init_flag is False
-    assert plugin.gradient_accumulation_steps == 1  # smpo accumulates itself
-    assert plugin.gradient_clipping == 1.0
-    zero = plugin.deepspeed_config["zero_optimization"]
-    assert zero["stage"] == stage
-    assert zero["offload_optimizer"]["device"] == "none" and zero["offload_param"]["device"] == "none"
-    assert zero["stage3_gather_16bit_weights_on_model_save"] is (stage == 3)
-    # smpo prepares no DataLoader, so nothing fills this "auto" (docs/distributed.md, Known gaps)
-    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == "auto"
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_accepts_the_zero_section(stage):
-    pytest.importorskip("deepspeed", reason="validating the ZeRO section needs the deepspeed package")
-    from accelerate.utils import DeepSpeedPlugin
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    _, env = _worker_env(CONFIG_DIR / f"deepspeed_zero{stage}.yaml")
-    with mock.patch.dict(os.environ, env, clear=True):
-        plugin = DeepSpeedPlugin()
-    zero = DeepSpeedZeroConfig(**plugin.deepspeed_config["zero_optimization"])
-    assert int(zero.stage) == stage
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -1,0 +1,428 @@
+"""The memory plan of `smpo train --dry-run` (smpo_cli.training.memory_plan): parameter counts of the shipped
+UNet configs on the meta device, the closed-form parts, sharding, the measured activations against a real step's
+allocations, and the command line. No weights, no network."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+
+from smpo_cli.config import load_recipe
+from smpo_cli.training import memory_plan as mp
+
+ROOT = Path(__file__).resolve().parents[2]
+SD15_UNET = 859_520_964
+SDXL_UNET = 2_567_463_684
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "vocab_size": 49408,
+          "max_position_embeddings": 77, "projection_dim": 768}  # fmt: skip
+CLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "vocab_size": 49408,
+             "max_position_embeddings": 77, "projection_dim": 1280}  # fmt: skip
+
+
+def sd15_recipe(*overrides: str, output_dir: Path | None = None):
+    extra = [f"output_dir={output_dir}"] if output_dir else []
+    return load_recipe("sd15_smpo", "train", [*extra, *overrides]).recipe
+
+
+# ----------------------------------------------------------------------------- the shipped configs
+def test_shipped_unet_configs_are_the_hub_files_byte_for_byte():
+    # sha256 of unet/config.json in runwayml/stable-diffusion-v1-5 (main, "Update unet/config.json (#14)") and
+    # in stabilityai/stable-diffusion-xl-base-1.0 (its git-lfs pointer: oid sha256, size 1680)
+    folder = ROOT / "smpo_cli" / "models" / "assets" / "unet_configs"
+    sd15, sdxl = (folder / "sd15.json").read_bytes(), (folder / "sdxl.json").read_bytes()
+    assert (
+        hashlib.sha256(sd15).hexdigest() == "78f474de6bab3d893868f37be97b636ae65c0df3073ed3256ca458ff599b5f96"
+    )
+    assert (
+        hashlib.sha256(sdxl).hexdigest() == "30ebc70750223e59006f7f2b4e1e6c102570aa19a9c4ae3e1fbe7591332dbae6"
+    )
+    assert len(sdxl) == 1680
+    assert mp.shipped_unet_config("sd15")["cross_attention_dim"] == 768
+    assert mp.shipped_unet_config("sdxl")["addition_embed_type"] == "text_time"
+
+
+def test_unet_parameter_counts_built_on_the_meta_device():
+    assert mp.count_unet_params(mp.shipped_unet_config("sd15")) == SD15_UNET
+    assert mp.count_unet_params(mp.shipped_unet_config("sdxl")) == SDXL_UNET
+
+
+def test_frozen_parameter_counts():
+    assert mp.clip_text_params(CLIP_L) == 123_060_480
+    assert mp.clip_text_params(CLIP_BIGG, projection=True) == 694_659_840
+    assert mp._count_vae(mp.SD_VAE_CONFIG) == 83_653_863
+    assert mp.FAMILY_FROZEN["sd15"] == {"vae": 83_653_863, "text_encoder": 123_060_480}
+    assert sum(mp.FAMILY_FROZEN["sdxl"].values()) == 83_653_863 + 123_060_480 + 694_659_840
+
+
+def test_a_shipped_model_uses_its_own_config(tmp_path):
+    """shapes-sd15 ships its weights: the meta count equals the tensors in its safetensors file."""
+    spec = load_recipe("sd15_smpo", "train", [f"output_dir={tmp_path}", "model.pretrained=shapes-sd15",
+                                              "~model.unet"]).recipe.model  # fmt: skip
+    info = mp.resolve_model(spec)
+    assert info.source == "shipped model shapes-sd15" and info.family == "sd15"
+    weights = (
+        ROOT
+        / "smpo_cli"
+        / "models"
+        / "assets"
+        / "shapes-sd15"
+        / "unet"
+        / "diffusion_pytorch_model.safetensors"
+    )
+    with weights.open("rb") as fh:
+        header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+    on_disk = sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    assert mp.count_unet_params(info.unet_config) == on_disk
+    assert set(info.frozen_counts) == {"vae", "text_encoder"}
+
+
+def test_known_hub_ids_map_to_the_shipped_configs_and_others_are_unknown(tmp_path):
+    sdxl = load_recipe("sdxl_smpo", "train", [f"output_dir={tmp_path}"]).recipe
+    info = mp.resolve_model(sdxl.model)
+    assert info.unet_config == mp.shipped_unet_config("sdxl") and info.family == "sdxl"
+    assert "shipped SDXL UNet config" in info.source
+    other = sd15_recipe("model.pretrained=someone/a-custom-model", "~model.unet", output_dir=tmp_path)
+    plan = mp.plan_memory(other)
+    assert isinstance(plan, mp.UnknownPlan) and "parameter count unknown offline" in plan.reason
+    lines = mp.plan_lines(plan, budget_gib=24)
+    assert lines[0][0] == "ok" and lines[-1][0] == "warn"
+    explicit = sd15_recipe("model.pretrained=someone/a-custom-model", "~model.unet", "model.family=sd15",
+                           output_dir=tmp_path)  # fmt: skip
+    assert mp.resolve_model(explicit.model).unet_config == mp.shipped_unet_config("sd15")
+
+
+# ----------------------------------------------------------------------------- closed forms
+def test_optimizer_state_closed_forms():
+    shapes = [(320, 4, 3, 3), (320,), (1280, 768)]
+    n = sum(math.prod(s) for s in shapes)
+    assert mp.optimizer_state_bytes("adamw", shapes) == 2 * 4 * n  # exp_avg + exp_avg_sq, fp32
+    assert mp.optimizer_step_bytes("adamw", shapes) == 4 * n  # foreach sqrt(exp_avg_sq)
+    # Adafactor: factored over the last two dims (rows: all but the last; columns: all but the second last)
+    assert mp.optimizer_state_bytes("adafactor", [(1280, 768)]) == 4 * (1280 + 768)
+    assert mp.optimizer_state_bytes("adafactor", [(320, 4, 3, 3)]) == 4 * (320 * 4 * 3 + 320 * 4 * 3)
+    assert mp.optimizer_state_bytes("adafactor", [(320,)]) == 4 * 320
+    assert mp.optimizer_step_bytes("adafactor", shapes) == 3 * 4 * 1280 * 768
+    # bitsandbytes 8-bit AdamW: two uint8 states + fp32 absmax per 256 values; small tensors stay fp32
+    assert mp.optimizer_state_bytes("adamw8bit", [(4096,)]) == 2 * (4096 + 4 * 16)
+    assert mp.optimizer_state_bytes("adamw8bit", [(100,)]) == 8 * 100
+    with pytest.raises(ValueError):
+        mp.optimizer_state_bytes("sgd", shapes)
+
+
+def test_lora_adapter_shapes_target_the_attention_projections():
+    linears = [("down.attn1.to_q", 320, 320), ("down.attn2.to_k", 768, 320), ("down.attn1.to_out.0", 320, 320),
+               ("down.ff.net.2", 1280, 320), ("time_embedding.linear_1", 320, 1280)]  # fmt: skip
+    shapes = mp.lora_adapter_shapes(linears, rank=4)
+    assert shapes == [(4, 320), (320, 4), (4, 768), (320, 4), (4, 320), (320, 4)]
+
+
+def test_shard_bytes_divides_and_rounds_up():
+    assert mp.shard_bytes(12, 4) == 3 and mp.shard_bytes(13, 4) == 4 and mp.shard_bytes(13, 1) == 13
+
+
+# ----------------------------------------------------------------------------- accelerate configs
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"distributed_type": "NO", "num_processes": 1}, ("ddp", 1, False, False, False, "DDP x1")),
+        ({"distributed_type": "MULTI_GPU", "num_processes": 8}, ("ddp", 8, False, False, False, "DDP x8")),
+        ({"distributed_type": "FSDP", "num_processes": 4, "fsdp_config": {"fsdp_sharding_strategy": "FULL_SHARD"}},
+         ("fsdp", 4, True, True, True, "FSDP full shard x4")),
+        ({"distributed_type": "FSDP", "num_processes": 4, "fsdp_config": {"fsdp_sharding_strategy": 2}},
+         ("fsdp", 4, False, True, True, "FSDP shard grad op x4")),
+        ({"distributed_type": "FSDP", "num_processes": 4, "fsdp_config": {"fsdp_sharding_strategy": "NO_SHARD"}},
+         ("fsdp", 4, False, False, False, "FSDP no shard x4")),
+        ({"distributed_type": "FSDP", "num_processes": 8, "fsdp_config": {"fsdp_version": 2}},
+         ("fsdp", 8, True, True, True, "FSDP full shard x8")),
+        ({"distributed_type": "DEEPSPEED", "num_processes": 8, "deepspeed_config": {"zero_stage": 1}},
+         ("deepspeed", 8, False, False, True, "DeepSpeed ZeRO-1 x8")),
+        ({"distributed_type": "DEEPSPEED", "num_processes": 8, "deepspeed_config": {"zero_stage": 2}},
+         ("deepspeed", 8, False, True, True, "DeepSpeed ZeRO-2 x8")),
+        ({"distributed_type": "DEEPSPEED", "num_processes": 8, "deepspeed_config": {"zero_stage": 3}},
+         ("deepspeed", 8, True, True, True, "DeepSpeed ZeRO-3 x8")),
+    ],
+)  # fmt: skip
+def test_sharding_from_accelerate_configs(config, expected):
+    s = mp.sharding_from_config(config)
+    assert (s.kind, s.processes, s.params, s.grads, s.optimizer, s.label) == expected
+
+
+def test_hybrid_shard_splits_within_a_machine_and_offload_is_read():
+    hybrid = mp.sharding_from_config({"distributed_type": "FSDP", "num_processes": 16, "num_machines": 2,
+                                      "fsdp_config": {"fsdp_sharding_strategy": "HYBRID_SHARD"}})  # fmt: skip
+    assert hybrid.shard_count == 8 and hybrid.label == "FSDP hybrid shard x16"
+    offload = mp.sharding_from_config({"distributed_type": "DEEPSPEED", "num_processes": 8,
+                                       "deepspeed_config": {"zero_stage": 2, "offload_optimizer_device": "cpu"}})  # fmt: skip
+    assert offload.offload_optimizer and not offload.offload_params
+
+
+def test_read_sharding_from_a_file_the_environment_or_nothing(tmp_path):
+    from smpo_cli.errors import UsageError
+
+    assert mp.read_sharding(None, env={}) == mp.Sharding()
+    path = tmp_path / "fsdp.yaml"
+    path.write_text("distributed_type: FSDP\nnum_processes: 4\nfsdp_config:\n  fsdp_version: 2\n"
+                    "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
+                    "  fsdp_transformer_layer_cls_to_wrap: BasicTransformerBlock,ResnetBlock2D\n")  # fmt: skip
+    from_env = mp.read_sharding(None, env={"ACCELERATE_CONFIG_FILE": str(path)})
+    assert from_env.kind == "fsdp" and from_env.processes == 4
+    assert from_env.wrap_classes == ("BasicTransformerBlock", "ResnetBlock2D")
+    assert mp.read_sharding(path, env={}) == from_env
+    with pytest.raises(UsageError, match="does not exist"):
+        mp.read_sharding(tmp_path / "missing.yaml", env={})
+    # a real run under accelerate launch, without a config file: the launcher's environment
+    assert mp.read_sharding(None, env={"WORLD_SIZE": "8"}).label == "DDP x8"
+    zero3 = {"WORLD_SIZE": "8", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    assert mp.read_sharding(None, env=zero3).label == "DeepSpeed ZeRO-3 x8"
+    fsdp = {"WORLD_SIZE": "4", "ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}
+    assert mp.read_sharding(None, env=fsdp).label == "FSDP shard grad op x4"
+
+
+# ----------------------------------------------------------------------------- the plan
+@pytest.fixture(scope="module")
+def sd15_plan(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    recipe = sd15_recipe(output_dir=out)
+    return recipe, mp.plan_memory(recipe, sharding=mp.Sharding())
+
+
+def test_plan_parts_of_full_fine_tuning(sd15_plan):
+    recipe, plan = sd15_plan
+    P = SD15_UNET
+    assert plan.unet_params == plan.trainable_params == P
+    assert plan.weights == 4 * P  # fp32 master weights
+    assert plan.gradients == 4 * P
+    assert plan.optimizer == 8 * P  # AdamW: 2 fp32 states
+    assert plan.reference == 2 * P  # frozen deep copy in model.dtype=float16
+    assert plan.frozen == 2 * (83_653_863 + 123_060_480)
+    assert plan.optimizer_step == 4 * P
+    assert plan.activation_method == "meta" and not plan.checkpointing
+    assert (
+        0 < plan.activations_with_checkpointing < plan.activations_without_checkpointing == plan.activations
+    )
+    # autocast keeps an fp16 copy of every fp32 weight until the forward ends: part of the activations
+    assert plan.activations_with_checkpointing > 2 * P
+    persistent = plan.weights + plan.gradients + plan.optimizer + plan.reference + plan.frozen
+    assert plan.total == persistent + max(plan.activations, plan.optimizer_step, plan.vae_encode)
+    assert 15 * mp.GiB < plan.total < 25 * mp.GiB  # SD1.5, 512 px, 2 images, fp16: about 19 GiB
+
+
+def test_sharding_divides_weights_gradients_and_optimiser(sd15_plan):
+    recipe, ddp1 = sd15_plan
+    fsdp = mp.plan_memory(recipe, sharding=mp.sharding_from_config(
+        {"distributed_type": "FSDP", "num_processes": 4, "fsdp_config": {"fsdp_sharding_strategy": "FULL_SHARD"}}))  # fmt: skip
+    assert fsdp.weights == mp.shard_bytes(ddp1.weights, 4)
+    assert fsdp.gradients == mp.shard_bytes(ddp1.gradients, 4)
+    assert fsdp.optimizer == mp.shard_bytes(ddp1.optimizer, 4)
+    assert fsdp.reference == ddp1.reference  # accelerate's FSDP never sees the reference copy
+    assert (
+        fsdp.activations == ddp1.activations and fsdp.gathered > 0 and fsdp.sharding == "FSDP full shard x4"
+    )
+    zero2 = mp.plan_memory(recipe, sharding=mp.sharding_from_config(
+        {"distributed_type": "DEEPSPEED", "num_processes": 8, "deepspeed_config": {"zero_stage": 2}}))  # fmt: skip
+    P = SD15_UNET  # DeepSpeed fp16: half weights and gradients, fp32 master weights in the optimiser state
+    assert zero2.weights == 2 * P and zero2.gradients == mp.shard_bytes(2 * P, 8)
+    assert zero2.optimizer == mp.shard_bytes(8 * P + 4 * P, 8)
+    ddp8 = mp.plan_memory(
+        recipe, sharding=mp.sharding_from_config({"distributed_type": "MULTI_GPU", "num_processes": 8})
+    )
+    assert ddp8.ddp_buckets == ddp8.gradients and ddp8.total == ddp1.total + ddp8.gradients
+    recipe_fsdp = recipe.model_copy(update={"train": recipe.train.model_copy(update={"sharding": "fsdp"})}) if hasattr(
+        recipe.train, "sharding") else None  # fmt: skip
+    if recipe_fsdp is not None:  # train.sharding=fsdp: smpo's FSDP2 shards the reference too
+        own = mp.plan_memory(recipe_fsdp, sharding=mp.Sharding("ddp", 4))
+        assert own.reference == mp.shard_bytes(ddp1.reference, 4) and own.ddp_buckets == 0
+        assert own.weights == mp.shard_bytes(ddp1.weights, 4)
+
+
+def test_lora_trains_adapters_only(tmp_path):
+    plan = mp.plan_memory(sd15_recipe("train.lora_rank=4", output_dir=tmp_path), sharding=mp.Sharding())
+    shapes = mp.unet_shapes(mp.shipped_unet_config("sd15"))
+    adapters = sum(math.prod(s) for s in mp.lora_adapter_shapes(shapes.linears, 4))
+    assert plan.trainable_params == adapters and 0 < adapters < 2_000_000
+    assert plan.weights == 2 * SD15_UNET + 4 * adapters  # fp16 base + fp32 adapters
+    assert plan.gradients == 4 * adapters and plan.optimizer == 8 * adapters
+    assert plan.reference == 0  # the reference is the same UNet with its adapters off
+
+
+def test_budget_lines_warn_and_name_what_to_change(sd15_plan):
+    _, plan = sd15_plan
+    fits = mp.plan_lines(plan, budget_gib=80)
+    assert fits[-1][0] == "ok" and "fits --gpu-memory 80 GiB" in fits[-1][1]
+    over = mp.plan_lines(plan, budget_gib=8)
+    level, text = over[-1]
+    assert level == "warn" and "exceeds --gpu-memory 8 GiB" in text
+    assert (
+        "train.gradient_checkpointing=true" in text
+        and "train.lora_rank" in text
+        and "train.batch_size" in text
+    )
+    assert "fsdp" in text.lower()
+
+
+def test_measurements_are_cached_in_memory_and_on_disk(sd15_plan):
+    recipe, _ = sd15_plan
+    again = mp.plan_memory(recipe, sharding=mp.Sharding())
+    assert again.seconds == 0  # both measurements came from the cache
+    assert any(k.startswith("step:") for k in json.loads(mp._cache_file().read_text()))
+
+
+# ----------------------------------------------------------------------------- the measurement itself
+def _small_config():
+    """The shapes testbed's UNet (SD1.5 layout, 3 levels, 1 layer per block): few ops, so quick to run."""
+    return json.loads(
+        (ROOT / "smpo_cli" / "models" / "assets" / "shapes-sd15" / "unet" / "config.json").read_text()
+    )
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_measured_activations_match_a_real_step_on_the_cpu(checkpointing):
+    """The meta-device measurement against torch's own allocation timeline of the same step run for real."""
+    import copy
+
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.profiler import ProfilerActivity, profile
+
+    if not hasattr(profile, "export_memory_timeline"):
+        pytest.skip("this torch has no profiler memory timeline")
+    config = _small_config()
+    shape = mp.StepShape(resolution=128, images=2, policy_dtype="float32", autocast=None, reference="copy",
+                         reference_dtype="float32", checkpointing=checkpointing)  # fmt: skip
+    estimate = mp.measure_activations(config, shape, use_cache=False)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(config).train()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    ref = copy.deepcopy(unet).requires_grad_(False).eval()
+    inputs = mp._unet_inputs(config, shape, torch.device("cpu"))
+
+    def micro():
+        pred = mp._forward(unet, config, inputs)
+        with torch.no_grad():
+            target = mp._forward(ref, config, inputs)
+        loss = (pred - target).pow(2).mean()
+        del pred, target
+        loss.backward()
+
+    micro()  # the gradients exist from here on, as in every micro-batch after a step's first
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        micro()
+    timeline = Path(pytest.importorskip("tempfile").mkdtemp()) / "timeline.json"
+    prof.export_memory_timeline(str(timeline), device="cpu")
+    total = np.array(json.loads(timeline.read_text())[1]).sum(axis=1)
+    measured = total.max() - total[0]
+    assert estimate.method == "meta"
+    assert abs(estimate.bytes - measured) <= 0.05 * measured, (estimate.bytes, measured)
+
+
+def test_autocast_emulation_keeps_half_weight_copies_until_the_forward_ends():
+    config = _small_config()
+    params = mp.count_unet_params(config)
+    base = dict(resolution=64, images=2, reference="none")
+    fp32 = mp.measure_activations(config, mp.StepShape(**base, checkpointing=True), use_cache=False)
+    fp16 = mp.measure_activations(
+        config, mp.StepShape(**base, autocast="float16", checkpointing=True), use_cache=False
+    )
+    # checkpointed: few activations, but autocast's cached fp16 copies of all weights (2 bytes each)
+    assert fp16.bytes - fp32.bytes > 1.5 * params
+
+
+def test_a_meta_failure_falls_back_to_a_scaled_cpu_measurement(monkeypatch):
+    config = _small_config()
+    real = mp._simulate
+
+    def meta_fails(config, shape, device_type):
+        if device_type == "meta":
+            raise NotImplementedError("no meta kernel for some op")
+        return real(config, shape, device_type)
+
+    monkeypatch.setattr(mp, "_simulate", meta_fails)
+    shape = mp.StepShape(resolution=64, images=2, reference="none")
+    result = mp.measure_activations(config, shape, use_cache=False)
+    assert result.method.startswith("cpu-scaled") and "NotImplementedError" in result.method
+    monkeypatch.setattr(mp, "_simulate", real)
+    meta = mp.measure_activations(config, shape, use_cache=False)
+    assert 0.3 * meta.bytes < result.bytes < 3 * meta.bytes  # a rough stand-in, not the measurement
+
+
+# ----------------------------------------------------------------------------- command line
+def test_dry_run_prints_the_memory_plan_without_weights_or_network(tmp_path, capsys):
+    import time
+
+    from smpo_cli.cli.main import run
+
+    started = time.perf_counter()
+    assert run(["train", "--recipe", "sd15_smpo", "--dry-run", f"output_dir={tmp_path / 'run'}"]) == 0
+    seconds = time.perf_counter() - started
+    err = capsys.readouterr().err
+    assert "parameters: UNet 859.5M (trainable 859.5M)" in err
+    assert (
+        "memory per GPU (estimate, fp16 mixed precision, DDP x1): weights 3.2 GiB, gradients 3.2 GiB, " in err
+    )
+    assert "with gradient checkpointing)" in err and "exceeds" not in err
+    assert not (tmp_path / "run").exists()
+    assert seconds < 120, seconds  # measured once per session (then cached): seconds on one core
+
+
+def test_gpu_memory_budget_warns(tmp_path, capsys):
+    from smpo_cli.cli.main import run
+
+    assert (
+        run(["train", "--recipe", "sd15_smpo", "--dry-run", "--gpu-memory", "1", f"output_dir={tmp_path}"])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "exceeds --gpu-memory 1 GiB" in err and "train.gradient_checkpointing=true" in err
+    assert (
+        run(["train", "--recipe", "sd15_smpo", "--dry-run", "--gpu-memory", "0", f"output_dir={tmp_path}"])
+        == 2
+    )
+
+
+def test_accelerate_config_option_shards_the_plan(tmp_path, capsys):
+    from smpo_cli.cli.main import run
+
+    config = tmp_path / "zero3.yaml"
+    config.write_text("distributed_type: DEEPSPEED\nnum_processes: 8\ndeepspeed_config:\n  zero_stage: 3\n")
+    args = [
+        "train",
+        "--recipe",
+        "sd15_smpo",
+        "--dry-run",
+        "--accelerate-config",
+        str(config),
+        f"output_dir={tmp_path}",
+    ]
+    assert run(args) == 0
+    assert "DeepSpeed ZeRO-3 x8" in capsys.readouterr().err
+    assert (
+        run([*args[:-3], "--accelerate-config", str(tmp_path / "missing.yaml"), f"output_dir={tmp_path}"])
+        == 2
+    )
+
+
+def test_recipe_validate_stays_without_the_memory_plan(capsys):
+    from smpo_cli.cli.main import run
+
+    assert run(["recipe", "validate", "sd15_smpo"]) == 0
+    assert "memory per GPU" not in capsys.readouterr().err
+
+
+def test_bench_runs_the_tiny_cpu_path(capsys):
+    spec = importlib.util.spec_from_file_location("bench_memory_plan", ROOT / "bench" / "memory_plan.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--device", "cpu", "--size", "tiny", "--json"])
+    assert [r["gradient_checkpointing"] for r in result["rows"]] == [False, True]
+    assert all(r["measured_gib"] is None and r["estimate_gib"] > 0 for r in result["rows"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["size"] == "tiny"
