@@ -1,7 +1,7 @@
 """Memory plan vs measured GPU memory: the estimate of ``smpo train --dry-run`` against
 ``torch.cuda.max_memory_allocated`` for one training step of the same shape.
 
-The estimate is ``smpo_cli.training.memory_plan.plan_memory`` (the code the dry run prints) for a recipe of
+The estimate is ``smpo_cli.training.memory.plan_memory`` (the code the dry run prints) for a recipe of
 this shape, with no VAE or text encoder (the step below loads neither). The measurement builds the UNet from
 its config with random fp32 weights, a frozen deep copy as the reference (fp16 under mixed precision; none for
 sft) and AdamW, runs one warm-up step (it allocates the optimiser state), then measures a step of two
@@ -29,7 +29,7 @@ RESOLUTIONS = {"tiny": 256, "sd15": 512, "sdxl": 1024}
 
 
 def unet_config(size: str) -> dict:
-    from smpo_cli.training import memory_plan as mp
+    from smpo_cli.training import memory as mp
 
     if size == "tiny":
         return mp.resolve_model(_ModelRef("tiny-sd15")).unet_config
@@ -64,7 +64,7 @@ def recipe_for(args, checkpointing: bool):
 
 
 def estimate(args, config: dict, checkpointing: bool):
-    from smpo_cli.training import memory_plan as mp
+    from smpo_cli.training import memory as mp
 
     family = "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
     info = mp.ModelInfo(config, family, f"bench --size {args.size}", vae_config=None, frozen_counts={})
@@ -76,7 +76,7 @@ def measure(args, config: dict, checkpointing: bool) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from smpo_cli.training import memory_plan as mp
+    from smpo_cli.training.memory import activations as mp  # the measured step's inputs and forward
 
     device = torch.device(args.device)
     mixed = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)

@@ -32,7 +32,7 @@ AccelerateConfigOpt = Annotated[
     Path | None,
     typer.Option(
         "--accelerate-config", metavar="PATH", show_default=False,
-        help="accelerate config file the memory plan shards by (DDP, FSDP, DeepSpeed ZeRO); default "
+        help="accelerate config file the memory plan reads the process count and sharding from (DDP or FSDP); default "
         "$ACCELERATE_CONFIG_FILE, else one process.",
         rich_help_panel="Run control",
     ),
@@ -69,7 +69,7 @@ def train(
     reference, activations with and without gradient checkpointing), loading no weight.
     """
     from smpo_cli.errors import UsageError
-    from smpo_cli.training.memory_plan import MemoryRequest, requested
+    from smpo_cli.training.memory import MemoryRequest, requested
     from smpo_cli.training.runner import run_training
 
     if gpu_memory is not None and not gpu_memory > 0:
@@ -108,7 +108,7 @@ def train(
 
 def _warn_over_budget(recipe, request) -> None:
     """Before a real run with --gpu-memory: the estimate, and a warning when it exceeds the budget."""
-    from smpo_cli.training import memory_plan
+    from smpo_cli.training import memory as memory_plan
     from smpo_cli.utils.distributed import is_main_process
 
     if not is_main_process():

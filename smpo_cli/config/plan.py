@@ -1,7 +1,10 @@
-"""What a run would do, for ``--dry-run`` and ``smpo recipe validate``: no torch, no weights.
+"""What a run would do, for ``--dry-run`` and ``smpo recipe validate``: no weights, no network.
 
-Each line is (level, text); level "warn" marks inputs that do not exist yet, which the real run
-would refuse. Nothing here downloads or imports a framework.
+Each line is (level, text); level "warn" marks inputs that do not exist yet, or settings the real run
+would refuse. Nothing here downloads or loads a weight, but a train plan may import torch and diffusers:
+the inversion cost lines of a train recipe (and of an invert recipe's plan cache) read the noise schedule
+with torch, and ``smpo train --dry-run`` adds the memory plan (``smpo_cli.training.memory``), which builds
+the UNet on torch's meta device with diffusers and measures a training step there.
 """
 
 from __future__ import annotations
@@ -72,9 +75,9 @@ def _model_lines(model: BaseModel, prefix: str) -> list[tuple[str, str]]:
 def plan_lines(recipe: BaseModel, memory: Any = None) -> list[tuple[str, str]]:
     """Human-readable plan of a validated recipe.
 
-    ``memory``: a :class:`smpo_cli.training.memory_plan.MemoryRequest` adds a train recipe's memory plan
+    ``memory``: a :class:`smpo_cli.training.memory.MemoryRequest` adds a train recipe's memory plan
     (parameter counts and GPU memory per process; imports torch and diffusers, loads no weight). None:
-    the request ``smpo train`` set with ``memory_plan.requested``, if any (``smpo recipe validate`` sets none).
+    the request ``smpo train`` set with ``smpo_cli.training.memory.requested``, if any (``smpo recipe validate`` sets none).
     """
     data: Any = recipe
     lines: list[tuple[str, str]] = [("ok", f"stage: {data.stage}")]
@@ -188,7 +191,7 @@ def plan_lines(recipe: BaseModel, memory: Any = None) -> list[tuple[str, str]]:
             from smpo_cli.inversion.plan_cache import cost_lines
 
             lines.extend(("ok", x) for x in cost_lines(data))
-        from smpo_cli.training import memory_plan
+        from smpo_cli.training import memory as memory_plan
 
         request = memory if memory is not None else memory_plan.current_request()
         if request is not None:

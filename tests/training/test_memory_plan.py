@@ -1,6 +1,7 @@
-"""The memory plan of `smpo train --dry-run` (smpo_cli.training.memory_plan): parameter counts of the shipped
-UNet configs on the meta device, the closed-form parts, sharding, the measured activations against a real step's
-allocations, and the command line. No weights, no network."""
+"""The memory plan of `smpo train --dry-run` (smpo_cli.training.memory): parameter counts of the shipped
+UNet configs on the meta device, the closed-form parts, sharding as the trainer does it (and the launches it
+refuses), the measured activations against a real step's allocations, and the command line. No weights, no
+network."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import importlib.util
 import json
 import math
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from smpo_cli.config import load_recipe
-from smpo_cli.training import memory_plan as mp
+from smpo_cli.training import memory as mp
+from smpo_cli.training.memory import activations, cache, models
 
 ROOT = Path(__file__).resolve().parents[2]
 SD15_UNET = 859_520_964
@@ -55,7 +58,7 @@ def test_unet_parameter_counts_built_on_the_meta_device():
 def test_frozen_parameter_counts():
     assert mp.clip_text_params(CLIP_L) == 123_060_480
     assert mp.clip_text_params(CLIP_BIGG, projection=True) == 694_659_840
-    assert mp._count_vae(mp.SD_VAE_CONFIG) == 83_653_863
+    assert models._count_vae(mp.SD_VAE_CONFIG) == 83_653_863
     assert mp.FAMILY_FROZEN["sd15"] == {"vae": 83_653_863, "text_encoder": 123_060_480}
     assert sum(mp.FAMILY_FROZEN["sdxl"].values()) == 83_653_863 + 123_060_480 + 694_659_840
 
@@ -130,36 +133,20 @@ def test_shard_bytes_divides_and_rounds_up():
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
-        ({"distributed_type": "NO", "num_processes": 1}, ("ddp", 1, False, False, False, "DDP x1")),
-        ({"distributed_type": "MULTI_GPU", "num_processes": 8}, ("ddp", 8, False, False, False, "DDP x8")),
+        ({"distributed_type": "NO", "num_processes": 1}, ("NO", 1)),
+        ({"distributed_type": "NO", "num_processes": 4}, ("NO", 1)),
+        ({"distributed_type": "MULTI_GPU", "num_processes": 8}, ("MULTI_GPU", 8)),
         ({"distributed_type": "FSDP", "num_processes": 4, "fsdp_config": {"fsdp_sharding_strategy": "FULL_SHARD"}},
-         ("fsdp", 4, True, True, True, "FSDP full shard x4")),
-        ({"distributed_type": "FSDP", "num_processes": 4, "fsdp_config": {"fsdp_sharding_strategy": 2}},
-         ("fsdp", 4, False, True, True, "FSDP shard grad op x4")),
-        ({"distributed_type": "FSDP", "num_processes": 4, "fsdp_config": {"fsdp_sharding_strategy": "NO_SHARD"}},
-         ("fsdp", 4, False, False, False, "FSDP no shard x4")),
-        ({"distributed_type": "FSDP", "num_processes": 8, "fsdp_config": {"fsdp_version": 2}},
-         ("fsdp", 8, True, True, True, "FSDP full shard x8")),
-        ({"distributed_type": "DEEPSPEED", "num_processes": 8, "deepspeed_config": {"zero_stage": 1}},
-         ("deepspeed", 8, False, False, True, "DeepSpeed ZeRO-1 x8")),
-        ({"distributed_type": "DEEPSPEED", "num_processes": 8, "deepspeed_config": {"zero_stage": 2}},
-         ("deepspeed", 8, False, True, True, "DeepSpeed ZeRO-2 x8")),
+         ("FSDP", 4)),
+        ({"distributed_type": "fsdp", "num_processes": 4, "fsdp_config": {"fsdp_sharding_strategy": 2}}, ("FSDP", 4)),
         ({"distributed_type": "DEEPSPEED", "num_processes": 8, "deepspeed_config": {"zero_stage": 3}},
-         ("deepspeed", 8, True, True, True, "DeepSpeed ZeRO-3 x8")),
+         ("DEEPSPEED", 8)),
     ],
 )  # fmt: skip
 def test_sharding_from_accelerate_configs(config, expected):
+    """Like the trainer, the plan reads only the distributed type and the number of processes."""
     s = mp.sharding_from_config(config)
-    assert (s.kind, s.processes, s.params, s.grads, s.optimizer, s.label) == expected
-
-
-def test_hybrid_shard_splits_within_a_machine_and_offload_is_read():
-    hybrid = mp.sharding_from_config({"distributed_type": "FSDP", "num_processes": 16, "num_machines": 2,
-                                      "fsdp_config": {"fsdp_sharding_strategy": "HYBRID_SHARD"}})  # fmt: skip
-    assert hybrid.shard_count == 8 and hybrid.label == "FSDP hybrid shard x16"
-    offload = mp.sharding_from_config({"distributed_type": "DEEPSPEED", "num_processes": 8,
-                                       "deepspeed_config": {"zero_stage": 2, "offload_optimizer_device": "cpu"}})  # fmt: skip
-    assert offload.offload_optimizer and not offload.offload_params
+    assert (s.distributed_type, s.processes) == expected
 
 
 def test_read_sharding_from_a_file_the_environment_or_nothing(tmp_path):
@@ -171,17 +158,42 @@ def test_read_sharding_from_a_file_the_environment_or_nothing(tmp_path):
                     "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
                     "  fsdp_transformer_layer_cls_to_wrap: BasicTransformerBlock,ResnetBlock2D\n")  # fmt: skip
     from_env = mp.read_sharding(None, env={"ACCELERATE_CONFIG_FILE": str(path)})
-    assert from_env.kind == "fsdp" and from_env.processes == 4
-    assert from_env.wrap_classes == ("BasicTransformerBlock", "ResnetBlock2D")
+    assert (from_env.distributed_type, from_env.processes, from_env.source) == ("FSDP", 4, str(path))
     assert mp.read_sharding(path, env={}) == from_env
     with pytest.raises(UsageError, match="does not exist"):
         mp.read_sharding(tmp_path / "missing.yaml", env={})
     # a real run under accelerate launch, without a config file: the launcher's environment
-    assert mp.read_sharding(None, env={"WORLD_SIZE": "8"}).label == "DDP x8"
+    launched = mp.read_sharding(None, env={"WORLD_SIZE": "8"})
+    assert (launched.distributed_type, launched.processes) == ("MULTI_GPU", 8)
     zero3 = {"WORLD_SIZE": "8", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
-    assert mp.read_sharding(None, env=zero3).label == "DeepSpeed ZeRO-3 x8"
+    assert mp.read_sharding(None, env=zero3).distributed_type == "DEEPSPEED"
+    assert mp.read_sharding(None, env={"ACCELERATE_USE_DEEPSPEED": "true"}).distributed_type == "DEEPSPEED"
     fsdp = {"WORLD_SIZE": "4", "ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}
-    assert mp.read_sharding(None, env=fsdp).label == "FSDP shard grad op x4"
+    assert (mp.read_sharding(None, env=fsdp).distributed_type, mp.read_sharding(None, env=fsdp).processes) == (
+        "FSDP", 4)  # fmt: skip
+
+
+def test_launches_the_trainer_refuses_get_one_line(tmp_path):
+    """DeepSpeed, and sharding with fp16 or LoRA: `smpo train` stops (check_sharding), so the plan says so in one
+    line instead of an estimate, with or without a budget."""
+    deepspeed = mp.sharding_from_config({"distributed_type": "DEEPSPEED", "num_processes": 8,
+                                         "deepspeed_config": {"zero_stage": 3}})  # fmt: skip
+    fsdp = mp.sharding_from_config({"distributed_type": "FSDP", "num_processes": 4})
+    refused = [
+        ("DeepSpeed", mp.plan_memory(sd15_recipe("train.mixed_precision=bf16", output_dir=tmp_path),
+                                     sharding=deepspeed)),
+        ("fp16", mp.plan_memory(sd15_recipe(output_dir=tmp_path), sharding=fsdp)),  # sd15_smpo trains in fp16
+        ("fp16", mp.plan_memory(sd15_recipe("train.sharding=fsdp", output_dir=tmp_path), sharding=mp.Sharding())),
+        ("lora_rank", mp.plan_memory(sd15_recipe("train.lora_rank=4", "train.mixed_precision=bf16",
+                                                 output_dir=tmp_path), sharding=fsdp)),
+    ]  # fmt: skip
+    for what, plan in refused:
+        assert isinstance(plan, mp.RefusedPlan) and what in plan.reason, (what, plan)
+        for budget in (None, 24):
+            lines = mp.plan_lines(plan, budget_gib=budget)
+            assert len(lines) == 1 and lines[0][0] == "warn"
+            assert lines[0][1].startswith("memory per GPU: not estimated, smpo train refuses this run: ")
+    assert "accelerate's DeepSpeed launch is not supported by smpo train yet" in refused[0][1].reason
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -213,32 +225,42 @@ def test_plan_parts_of_full_fine_tuning(sd15_plan):
     assert 15 * mp.GiB < plan.total < 25 * mp.GiB  # SD1.5, 512 px, 2 images, fp16: about 19 GiB
 
 
-def test_sharding_divides_weights_gradients_and_optimiser(sd15_plan):
+def test_sharding_divides_the_state_and_the_reference(sd15_plan, tmp_path):
+    """smpo's FSDP2 (train.sharding=fsdp, or an accelerate FSDP config whose plugin settings it ignores) splits
+    weights, gradients, optimiser state and the reference; DDP replicates them and adds its buckets."""
     recipe, ddp1 = sd15_plan
-    fsdp = mp.plan_memory(recipe, sharding=mp.sharding_from_config(
+    bf16 = sd15_recipe("train.mixed_precision=bf16", output_dir=tmp_path)  # sharding refuses fp16
+    P = SD15_UNET
+    fsdp = mp.plan_memory(bf16, sharding=mp.sharding_from_config(
         {"distributed_type": "FSDP", "num_processes": 4, "fsdp_config": {"fsdp_sharding_strategy": "FULL_SHARD"}}))  # fmt: skip
-    assert fsdp.weights == mp.shard_bytes(ddp1.weights, 4)
-    assert fsdp.gradients == mp.shard_bytes(ddp1.gradients, 4)
-    assert fsdp.optimizer == mp.shard_bytes(ddp1.optimizer, 4)
-    assert fsdp.reference == ddp1.reference  # accelerate's FSDP never sees the reference copy
-    assert (
-        fsdp.activations == ddp1.activations and fsdp.gathered > 0 and fsdp.sharding == "FSDP full shard x4"
-    )
-    zero2 = mp.plan_memory(recipe, sharding=mp.sharding_from_config(
-        {"distributed_type": "DEEPSPEED", "num_processes": 8, "deepspeed_config": {"zero_stage": 2}}))  # fmt: skip
-    P = SD15_UNET  # DeepSpeed fp16: half weights and gradients, fp32 master weights in the optimiser state
-    assert zero2.weights == 2 * P and zero2.gradients == mp.shard_bytes(2 * P, 8)
-    assert zero2.optimizer == mp.shard_bytes(8 * P + 4 * P, 8)
+    assert fsdp.sharded and fsdp.sharding == "FSDP2 x4 (distributed_type FSDP)"
+    assert fsdp.weights == mp.shard_bytes(4 * P, 4) and fsdp.gradients == mp.shard_bytes(4 * P, 4)
+    assert fsdp.optimizer == mp.shard_bytes(8 * P, 4) and fsdp.optimizer_step == mp.shard_bytes(4 * P, 4)
+    assert fsdp.reference == mp.shard_bytes(2 * P, 4)  # model.dtype float16: the reference is sharded too
+    assert fsdp.ddp_buckets == 0 and 0 < fsdp.gathered < 4 * P
+    assert any("BasicTransformerBlock/ResnetBlock2D units are gathered" in n for n in fsdp.notes)
+    one = mp.plan_memory(bf16, sharding=mp.Sharding())
+    assert fsdp.activations == one.activations and not one.sharded and one.sharding == "DDP x1"
+    # the plugin's strategy, wrap classes, offload and machines are not smpo's: the same plan
+    plugin = mp.plan_memory(bf16, sharding=mp.sharding_from_config(
+        {"distributed_type": "FSDP", "num_processes": 4, "num_machines": 2,
+         "fsdp_config": {"fsdp_sharding_strategy": "HYBRID_SHARD_ZERO2", "fsdp_offload_params": True,
+                         "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                         "fsdp_transformer_layer_cls_to_wrap": "Transformer2DModel"}}))  # fmt: skip
+    assert replace(plugin, seconds=0) == replace(fsdp, seconds=0)  # (the first one measured)
+    own = mp.plan_memory(sd15_recipe("train.mixed_precision=bf16", "train.sharding=fsdp", output_dir=tmp_path),
+                         sharding=mp.sharding_from_config({"distributed_type": "MULTI_GPU", "num_processes": 4}))  # fmt: skip
+    assert own.sharding == "FSDP2 x4 (train.sharding=fsdp)"
+    assert (own.weights, own.gradients, own.optimizer, own.reference, own.gathered, own.total) == (
+        fsdp.weights, fsdp.gradients, fsdp.optimizer, fsdp.reference, fsdp.gathered, fsdp.total)  # fmt: skip
+    alone = mp.plan_memory(sd15_recipe("train.mixed_precision=bf16", "train.sharding=fsdp", output_dir=tmp_path),
+                           sharding=mp.Sharding())  # fmt: skip
+    assert not alone.sharded and alone.total == one.total  # one process: nothing to split
     ddp8 = mp.plan_memory(
         recipe, sharding=mp.sharding_from_config({"distributed_type": "MULTI_GPU", "num_processes": 8})
     )
+    assert not ddp8.sharded and ddp8.sharding == "DDP x8" and ddp8.reference == ddp1.reference
     assert ddp8.ddp_buckets == ddp8.gradients and ddp8.total == ddp1.total + ddp8.gradients
-    recipe_fsdp = recipe.model_copy(update={"train": recipe.train.model_copy(update={"sharding": "fsdp"})}) if hasattr(
-        recipe.train, "sharding") else None  # fmt: skip
-    if recipe_fsdp is not None:  # train.sharding=fsdp: smpo's FSDP2 shards the reference too
-        own = mp.plan_memory(recipe_fsdp, sharding=mp.Sharding("ddp", 4))
-        assert own.reference == mp.shard_bytes(ddp1.reference, 4) and own.ddp_buckets == 0
-        assert own.weights == mp.shard_bytes(ddp1.weights, 4)
 
 
 def test_lora_trains_adapters_only(tmp_path):
@@ -249,6 +271,7 @@ def test_lora_trains_adapters_only(tmp_path):
     assert plan.weights == 2 * SD15_UNET + 4 * adapters  # fp16 base + fp32 adapters
     assert plan.gradients == 4 * adapters and plan.optimizer == 8 * adapters
     assert plan.reference == 0  # the reference is the same UNet with its adapters off
+    assert not any("sharding" in tip for tip in mp.advice(plan))  # the trainer shards full fine-tuning only
 
 
 def test_budget_lines_warn_and_name_what_to_change(sd15_plan):
@@ -263,14 +286,14 @@ def test_budget_lines_warn_and_name_what_to_change(sd15_plan):
         and "train.lora_rank" in text
         and "train.batch_size" in text
     )
-    assert "fsdp" in text.lower()
+    assert "train.sharding=fsdp with train.mixed_precision=bf16" in text  # sd15_smpo trains in fp16
 
 
 def test_measurements_are_cached_in_memory_and_on_disk(sd15_plan):
     recipe, _ = sd15_plan
     again = mp.plan_memory(recipe, sharding=mp.Sharding())
     assert again.seconds == 0  # both measurements came from the cache
-    assert any(k.startswith("step:") for k in json.loads(mp._cache_file().read_text()))
+    assert any(k.startswith("step:") for k in json.loads(cache._cache_file().read_text()))
 
 
 # ----------------------------------------------------------------------------- the measurement itself
@@ -302,12 +325,12 @@ def test_measured_activations_match_a_real_step_on_the_cpu(checkpointing):
     if checkpointing:
         unet.enable_gradient_checkpointing()
     ref = copy.deepcopy(unet).requires_grad_(False).eval()
-    inputs = mp._unet_inputs(config, shape, torch.device("cpu"))
+    inputs = activations._unet_inputs(config, shape, torch.device("cpu"))
 
     def micro():
-        pred = mp._forward(unet, config, inputs)
+        pred = activations._forward(unet, config, inputs)
         with torch.no_grad():
-            target = mp._forward(ref, config, inputs)
+            target = activations._forward(ref, config, inputs)
         loss = (pred - target).pow(2).mean()
         del pred, target
         loss.backward()
@@ -339,18 +362,18 @@ def test_autocast_emulation_keeps_half_weight_copies_until_the_forward_ends():
 
 def test_a_meta_failure_falls_back_to_a_scaled_cpu_measurement(monkeypatch):
     config = _small_config()
-    real = mp._simulate
+    real = activations._simulate
 
     def meta_fails(config, shape, device_type):
         if device_type == "meta":
             raise NotImplementedError("no meta kernel for some op")
         return real(config, shape, device_type)
 
-    monkeypatch.setattr(mp, "_simulate", meta_fails)
+    monkeypatch.setattr(activations, "_simulate", meta_fails)
     shape = mp.StepShape(resolution=64, images=2, reference="none")
     result = mp.measure_activations(config, shape, use_cache=False)
     assert result.method.startswith("cpu-scaled") and "NotImplementedError" in result.method
-    monkeypatch.setattr(mp, "_simulate", real)
+    monkeypatch.setattr(activations, "_simulate", real)
     meta = mp.measure_activations(config, shape, use_cache=False)
     assert 0.3 * meta.bytes < result.bytes < 3 * meta.bytes  # a rough stand-in, not the measurement
 
@@ -392,23 +415,25 @@ def test_gpu_memory_budget_warns(tmp_path, capsys):
 def test_accelerate_config_option_shards_the_plan(tmp_path, capsys):
     from smpo_cli.cli.main import run
 
-    config = tmp_path / "zero3.yaml"
-    config.write_text("distributed_type: DEEPSPEED\nnum_processes: 8\ndeepspeed_config:\n  zero_stage: 3\n")
-    args = [
-        "train",
-        "--recipe",
-        "sd15_smpo",
-        "--dry-run",
-        "--accelerate-config",
-        str(config),
-        f"output_dir={tmp_path}",
-    ]
-    assert run(args) == 0
-    assert "DeepSpeed ZeRO-3 x8" in capsys.readouterr().err
-    assert (
-        run([*args[:-3], "--accelerate-config", str(tmp_path / "missing.yaml"), f"output_dir={tmp_path}"])
-        == 2
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text(
+        "distributed_type: FSDP\nnum_processes: 8\nfsdp_config:\n  fsdp_sharding_strategy: FULL_SHARD\n"
     )
+    args = ["train", "--recipe", "sd15_smpo", "--dry-run", f"output_dir={tmp_path}", "train.mixed_precision=bf16"]  # fmt: skip
+    assert run([*args, "--accelerate-config", str(fsdp)]) == 0
+    assert (
+        "memory per GPU (estimate, bf16 mixed precision, FSDP2 x8 (distributed_type FSDP)): "
+        in capsys.readouterr().err
+    )
+    zero3 = tmp_path / "zero3.yaml"
+    zero3.write_text("distributed_type: DEEPSPEED\nnum_processes: 8\ndeepspeed_config:\n  zero_stage: 3\n")
+    assert run([*args, "--accelerate-config", str(zero3), "--gpu-memory", "80"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "smpo train refuses this run: accelerate's DeepSpeed launch is not supported by smpo train yet" in err
+    )
+    assert "memory per GPU (estimate" not in err and "ZeRO" not in err and "--gpu-memory 80" not in err
+    assert run([*args, "--accelerate-config", str(tmp_path / "missing.yaml")]) == 2
 
 
 def test_recipe_validate_stays_without_the_memory_plan(capsys):
