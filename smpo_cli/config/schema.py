@@ -52,6 +52,15 @@ class ModelSpec(Block):
     )
 
 
+class TrainModelSpec(ModelSpec):
+    """The model ``smpo train`` starts from: the UNet families, or the flow-matching SD3 / FLUX.1 transformers."""
+
+    family: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = Field(
+        "auto", description="Model family; auto detects it from the files (sd3 / flux: flow matching, "
+        "inversion.source online or none)."
+    )
+
+
 class LoggingSpec(Block):
     """What a run reports and where."""
 
@@ -218,7 +227,7 @@ class TrainRecipe(Block):
     seed: int = Field(0, description="Seed for data order, noise, timesteps and empty prompts.")
     device: Literal["auto", "cpu"] = Field("auto", description="auto: the GPUs accelerate gives | cpu: force CPU.")
     output_dir: str = Field(description="Run folder; refused if non-empty unless resuming or --overwrite.")
-    model: ModelSpec
+    model: TrainModelSpec
     data: TrainDataSpec
     method: MethodSpec = Field(default_factory=MethodSpec)
     inversion: InversionSpec = Field(default_factory=InversionSpec)
@@ -254,6 +263,11 @@ class TrainRecipe(Block):
                              "set data.random_crop=false and data.random_flip=false")
         if self.inversion.source == "cache" and self.inversion.timestep_mode.startswith("official"):
             raise ValueError(f"inversion.timestep_mode={self.inversion.timestep_mode} needs inversion.source=online")
+        if self.model.family in ("sd3", "flux") and self.inversion.source in ("cache", "plan"):
+            raise ValueError(f"model.family={self.model.family} inverts online: set inversion.source=online or none")
+        if self.model.family in ("sd3", "flux") and self.inversion.timestep_mode != "exact":
+            raise ValueError(f"model.family={self.model.family} inverts to exactly the drawn level: "
+                             "set inversion.timestep_mode=exact")
         if self.inversion.source == "plan" and self.inversion.timestep_mode != "exact":
             raise ValueError("inversion.source=plan inverts each visit to exactly its t: set inversion.timestep_mode=exact")
         if self.inversion.source == "plan" and self.inversion.model != "reference":

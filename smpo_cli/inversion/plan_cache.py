@@ -241,6 +241,12 @@ def run_plan_inversion(recipe):
                             revision=m.revision, variant=m.variant,
                             dtype=m.dtype if m.dtype != "auto" else str(weight_dtype).removeprefix("torch."),
                             device=str(device))  # fmt: skip
+    if comps.is_flow:  # flow models invert online, inside smpo train (smpo_cli/inversion/flow.py)
+        raise UsageError(
+            f"smpo invert: {m.pretrained} is a flow-matching model ({comps.family}); the inversion cache and "
+            "smpo invert support SD1.5/SDXL only",
+            hint="train flow models with inversion.source=online (their recipes do)",
+        )
     for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
         if module is not None:
             module.requires_grad_(False).eval()

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from smpo_cli.config.schema import InvertRecipe
-from smpo_cli.errors import DataError
+from smpo_cli.errors import DataError, UsageError
 from smpo_cli.inversion.cache import CACHE_DIR
 from smpo_cli.inversion.storage import storage_per_pair
 from smpo_cli.scoring.decode import RowDecoder, collate
@@ -394,6 +394,12 @@ def run_inversion(recipe: InvertRecipe) -> InvertResult:
     m = recipe.model
     comps = load_components(m.pretrained, family=m.family, vae=m.vae, unet=m.unet, config=m.config,
                             revision=m.revision, variant=m.variant, dtype=m.dtype, device=device)  # fmt: skip
+    if comps.is_flow:  # flow models invert online, inside smpo train (smpo_cli/inversion/flow.py)
+        raise UsageError(
+            f"smpo invert: {m.pretrained} is a flow-matching model ({comps.family}); the inversion cache and "
+            "smpo invert support SD1.5/SDXL only",
+            hint="train flow models with inversion.source=online (their recipes do)",
+        )
     for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
         if module is not None:
             module.requires_grad_(False).eval()

@@ -1,4 +1,5 @@
-"""Prompt conditioning for SD1.5- and SDXL-family UNets, built the way diffusers' pipelines build it.
+"""Prompt conditioning for SD1.5 / SDXL UNets and SD3 / FLUX.1 transformers, built the way diffusers'
+pipelines build it.
 
 ``encode_prompts(components, prompts)`` returns a :class:`Conditioning`:
 
@@ -8,6 +9,14 @@
   feature axis; ``pooled`` = the projected pooled output (``text_embeds``) of text encoder 2;
   ``time_ids`` = ``(original_h, original_w, crop_top, crop_left, target_h, target_w)`` per sample,
   as ``StableDiffusionXLPipeline.encode_prompt`` / ``_get_add_time_ids``.
+
+* SD3 / SD3.5: a :class:`FlowConditioning` with ``prompt_embeds`` = the penultimate hidden states of
+  both CLIP encoders concatenated on the feature axis, zero-padded to the T5 width and followed (on the
+  sequence axis) by T5's last hidden state (``max_sequence_length`` 256 tokens); ``pooled`` = both
+  projected pooled outputs concatenated, as ``StableDiffusion3Pipeline.encode_prompt``.
+* FLUX.1: ``prompt_embeds`` = T5's last hidden state (512 tokens), ``pooled`` = the CLIP pooler output,
+  ``txt_ids`` = zeros ``(L, 3)``, as ``FluxPipeline.encode_prompt``; :func:`pack_latents`,
+  :func:`latent_image_ids` and :func:`flux_guidance` give the rest of the transformer's inputs.
 
 Text encoders run in their own dtype and, by default, under ``torch.no_grad()``.
 """
@@ -192,6 +201,10 @@ def encode_prompts(
     if not prompts:
         raise UsageError("encode_prompts needs at least one prompt")
     family = getattr(components, "family", None)
+    if family in ("sd3", "flux"):
+        if any(v is not None for v in (original_sizes, crop_coords, target_size)):
+            raise UsageError("original_sizes / crop_coords / target_size are SDXL conditioning only")
+        return encode_flow_prompts(components, prompts, device=device, grad=grad)
     if family not in ("sd15", "sdxl"):
         raise UsageError(
             f"unknown model family {family!r}", hint="pass a DiffusionComponents from load_components"
@@ -285,3 +298,206 @@ def _check_time_embed_dim(components: Any, n_ids: int, pooled_dim: int) -> None:
             f"the UNet expects an added embedding of {expected} values but the conditioning gives {passed}",
             hint="check unet.config.addition_time_embed_dim and text_encoder_2.config.projection_dim",
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Flow-matching transformers: SD3 / SD3.5 and FLUX.1
+# --------------------------------------------------------------------------------------------
+
+SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.__call__'s max_sequence_length
+FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.__call__'s (FLUX.1 [dev]; [schnell] uses 256)
+
+
+@dataclass
+class FlowConditioning:
+    """What an SD3 / FLUX.1 transformer needs from the prompt, for a batch of ``B`` samples.
+
+    ``prompt_embeds`` ``(B, L, D)`` (``encoder_hidden_states``), ``pooled`` ``(B, P)``
+    (``pooled_projections``); FLUX.1 also ``txt_ids`` ``(L, 3)`` (shared by the batch, zeros).
+    """
+
+    family: str
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    txt_ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in ("sd3", "flux"):
+            raise UsageError(f"FlowConditioning is for sd3 / flux, got {self.family!r}")
+        if self.prompt_embeds.ndim != 3:
+            raise UsageError(f"prompt_embeds must be (B, L, D), got shape {tuple(self.prompt_embeds.shape)}")
+        b = self.prompt_embeds.shape[0]
+        if self.pooled.ndim != 2 or self.pooled.shape[0] != b:
+            raise UsageError(f"pooled must be ({b}, P), got shape {tuple(self.pooled.shape)}")
+        if (self.family == "flux") != (self.txt_ids is not None):
+            raise UsageError("txt_ids is FLUX.1 conditioning (and FLUX.1 needs it)")
+
+    def __len__(self) -> int:
+        return int(self.prompt_embeds.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return len(self)
+
+    def _map(self, fn, ids=None) -> FlowConditioning:
+        txt = self.txt_ids if ids is None or self.txt_ids is None else ids(self.txt_ids)
+        return FlowConditioning(self.family, fn(self.prompt_embeds), fn(self.pooled), txt)
+
+    def index(self, idx: torch.Tensor | Sequence[int] | slice | int) -> FlowConditioning:
+        """The samples at ``idx`` (an index tensor, a list, a slice or one int, which keeps the batch axis)."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1 if idx != -1 else None)
+        elif not isinstance(idx, slice):
+            idx = torch.as_tensor(idx, dtype=torch.long, device=self.prompt_embeds.device)
+        return self._map(lambda t: t[idx])
+
+    def cat(self, other: FlowConditioning) -> FlowConditioning:
+        """This batch followed by ``other`` (same family and shapes)."""
+        if self.family != other.family or self.prompt_embeds.shape[1:] != other.prompt_embeds.shape[1:]:
+            raise UsageError("cannot concatenate flow conditioning of different families or shapes")
+        return FlowConditioning(
+            self.family,
+            torch.cat([self.prompt_embeds, other.prompt_embeds]),
+            torch.cat([self.pooled, other.pooled]),
+            self.txt_ids,
+        )
+
+    def expand(self, batch_size: int) -> FlowConditioning:
+        """A batch of ``batch_size``: itself when it already has that size, broadcast from a batch of 1."""
+        if len(self) == batch_size:
+            return self
+        if len(self) != 1:
+            raise UsageError(f"conditioning has batch {len(self)}; expected {batch_size} or 1")
+        return self._map(lambda t: t.expand(batch_size, *t.shape[1:]))
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> FlowConditioning:
+        """Moved to ``device`` and cast to ``dtype``."""
+        fn = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        return self._map(fn, ids=fn)
+
+    def transformer_kwargs(self) -> dict[str, Any]:
+        """The text inputs of ``SD3Transformer2DModel.forward`` (``encoder_hidden_states``,
+        ``pooled_projections``) or ``FluxTransformer2DModel.forward`` (plus ``txt_ids``)."""
+        kwargs = {"encoder_hidden_states": self.prompt_embeds, "pooled_projections": self.pooled}
+        if self.txt_ids is not None:
+            kwargs["txt_ids"] = self.txt_ids
+        return kwargs
+
+
+def encode_flow_prompts(
+    components: Any,
+    prompts: Sequence[str] | str,
+    *,
+    device: torch.device | str | None = None,
+    max_sequence_length: int | None = None,
+    grad: bool = False,
+) -> FlowConditioning:
+    """Encode ``prompts`` for the SD3 / FLUX.1 transformer of ``components`` as the stock pipeline's
+    ``encode_prompt`` does (one prompt for every text encoder, no CLIP skip, ``max_sequence_length``
+    T5 tokens: by default the pipeline's, 256 for SD3 and 512 for FLUX.1)."""
+    prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
+    if not prompts:
+        raise UsageError("encode_prompts needs at least one prompt")
+    family = getattr(components, "family", None)
+    if family not in ("sd3", "flux"):
+        raise UsageError(f"encode_flow_prompts is for sd3 / flux models, got {family!r}")
+    names = (
+        ("text_encoder", "text_encoder_2", "text_encoder_3")
+        if family == "sd3"
+        else ("text_encoder", "text_encoder_2")
+    )
+    for name in names:
+        tok = name.replace("text_encoder", "tokenizer")
+        if getattr(components, name, None) is None or getattr(components, tok, None) is None:
+            raise UsageError(f"{family} conditioning needs {name} and {tok}", hint="load them with the model")
+    out_device = torch.device(device) if device is not None else getattr(components, "device", None)
+    context = torch.enable_grad() if grad else torch.no_grad()
+    with context:
+        if family == "sd3":
+            return _encode_sd3(
+                components, prompts, out_device, max_sequence_length or SD3_MAX_SEQUENCE_LENGTH
+            )
+        return _encode_flux(components, prompts, out_device, max_sequence_length or FLUX_MAX_SEQUENCE_LENGTH)
+
+
+def _t5_embeds(tokenizer, encoder, prompts: list[str], max_length: int) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                    add_special_tokens=True, return_tensors="pt").input_ids  # fmt: skip
+    longest = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+    if longest.shape[-1] > ids.shape[-1]:
+        warning_once(
+            logger, f"prompts longer than {max_length} T5 tokens were truncated (max_sequence_length)"
+        )
+    return encoder(ids.to(_device_of(encoder)))[0].to(dtype=encoder.dtype)
+
+
+def _encode_sd3(components: Any, prompts: list[str], device, max_length: int) -> FlowConditioning:
+    hidden, pooled = [], []
+    first = components.text_encoder
+    for tokenizer, encoder in (
+        (components.tokenizer, first),
+        (components.tokenizer_2, components.text_encoder_2),
+    ):
+        ids = _tokenize(tokenizer, prompts).input_ids.to(_device_of(encoder))
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(
+            out.hidden_states[-2].to(dtype=first.dtype)
+        )  # the pipeline casts both to encoder 1's dtype
+        pooled.append(out[0])
+    t5 = _t5_embeds(components.tokenizer_3, components.text_encoder_3, prompts, max_length)
+    out_device = device or t5.device
+    clip = torch.cat([h.to(out_device) for h in hidden], dim=-1)
+    if clip.shape[-1] > t5.shape[-1]:
+        raise UsageError(f"the CLIP features ({clip.shape[-1]}) are wider than T5's ({t5.shape[-1]})")
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    embeds = torch.cat([clip, t5.to(out_device)], dim=-2)
+    return FlowConditioning("sd3", embeds, torch.cat([p.to(out_device) for p in pooled], dim=-1))
+
+
+def _encode_flux(components: Any, prompts: list[str], device, max_length: int) -> FlowConditioning:
+    clip = components.text_encoder
+    ids = _tokenize(components.tokenizer, prompts).input_ids.to(_device_of(clip))
+    pooled = clip(ids, output_hidden_states=False).pooler_output.to(dtype=clip.dtype)
+    embeds = _t5_embeds(components.tokenizer_2, components.text_encoder_2, prompts, max_length)
+    out_device = device or embeds.device
+    txt_ids = torch.zeros(embeds.shape[1], 3, device=out_device, dtype=clip.dtype)
+    return FlowConditioning("flux", embeds.to(out_device), pooled.to(out_device), txt_ids)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """FLUX.1's 2x2 patch packing ``(B, C, H, W) -> (B, H/2 * W/2, 4C)`` (``FluxPipeline._pack_latents``)."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise UsageError(f"FLUX.1 latents need an even height and width, got {h}x{w}")
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents` for latents of ``height`` x ``width``."""
+    b, _, channels = packed.shape
+    x = packed.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """FLUX.1's ``img_ids`` ``(H/2 * W/2, 3)`` for latents of ``height`` x ``width``
+    (``FluxPipeline._prepare_latent_image_ids``: (0, row, column) per packed patch)."""
+    h, w = height // 2, width // 2
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(h)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
+
+
+FLUX_TRAIN_GUIDANCE = 3.5  # diffusers' train_dreambooth_lora_flux.py --guidance_scale default (FLUX.1 [dev])
+
+
+def flux_guidance(transformer: Any, batch_size: int, scale: float = FLUX_TRAIN_GUIDANCE, device=None):
+    """The ``guidance`` input ``(B,)`` of a guidance-distilled FLUX.1 transformer (``config.guidance_embeds``),
+    float32 as ``FluxPipeline`` builds it; None for a transformer without guidance embedding ([schnell])."""
+    if not getattr(transformer.config, "guidance_embeds", False):
+        return None
+    return torch.full((batch_size,), float(scale), device=device, dtype=torch.float32)

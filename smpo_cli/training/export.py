@@ -1,7 +1,7 @@
 """The trained model on disk, in formats the stock diffusers pipelines read. Every write is atomic.
 
 * ``save_lora``: a folder with ``pytorch_lora_weights.safetensors`` in the diffusers LoRA format
-  (``StableDiffusionPipeline.load_lora_weights(dest)`` / ``StableDiffusionXLPipeline...``) and
+  (``load_lora_weights(dest)`` of the family's stock pipeline: SD, SDXL, SD3, FLUX.1) and
   ``smpo_lora.json`` (family, rank, alpha, target modules, base model).
 * ``save_pipeline``: a complete diffusers pipeline folder (safetensors) with the trained UNet in
   place of the original one (``DiffusionPipeline.from_pretrained(dest)``).
@@ -30,6 +30,12 @@ logger = get_logger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 LORA_INFO_NAME = "smpo_lora.json"
+# The pipeline whose save_lora_weights writes each family's LoRA; the flow families' adapters sit on the
+# transformer (keys "transformer.<module>.lora_A.weight", as diffusers' SD3 / FLUX.1 LoRA scripts save them).
+LORA_PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                  "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}  # fmt: skip
+FLOW_LORA_FAMILIES = ("sd3", "flux")
+_DENOISER_CLASSES = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
 
 
 def save_lora(unet: Any, dest: str | Path, family: str, *, base_model: str | None = None) -> Path:
@@ -40,14 +46,22 @@ def save_lora(unet: Any, dest: str | Path, family: str, *, base_model: str | Non
     without reading the adapter metadata (older releases assume ``alpha = rank``), and tools that
     read diffusers-format LoRAs without an alpha. The training alpha is kept in ``smpo_lora.json``.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
-    pipeline_cls = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}.get(family)
-    if pipeline_cls is None:
+    pipeline_name = LORA_PIPELINES.get(family)
+    if pipeline_name is None:
         raise UsageError(
-            f"unknown model family {family!r}", hint="use 'sd15' or 'sdxl' (DiffusionComponents.family)"
+            f"unknown model family {family!r}",
+            hint=f"use one of {', '.join(LORA_PIPELINES)} (DiffusionComponents.family)",
+        )
+    pipeline_cls = getattr(diffusers, pipeline_name)
+    expected = _DENOISER_CLASSES.get(family, "UNet2DConditionModel")
+    if not any(c.__name__ == expected for c in type(unet).__mro__):
+        raise UsageError(
+            f"save_lora: a {type(unet).__name__} is not the trained network of model family {family!r} ({expected})",
+            hint="pass the family of the model the adapter was trained on (DiffusionComponents.family)",
         )
     if not has_lora(unet):
         raise UsageError(
@@ -65,7 +79,8 @@ def save_lora(unet: Any, dest: str | Path, family: str, *, base_model: str | Non
         state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
         metadata.update(lora_alpha=config.r, use_rslora=False)
     metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
-    layers = convert_state_dict_to_diffusers(state)
+    flow = family in FLOW_LORA_FAMILIES
+    layers = state if flow else convert_state_dict_to_diffusers(state)
     targets = config.target_modules
     info = {
         "format": "diffusers-lora",
@@ -80,12 +95,12 @@ def save_lora(unet: Any, dest: str | Path, family: str, *, base_model: str | Non
     dest = _check_dest(dest)
     with atomic_path(dest) as tmp:
         tmp.mkdir(parents=True)
+        which = "transformer" if flow else "unet"
         pipeline_cls.save_lora_weights(
             str(tmp),
-            unet_lora_layers=layers,
             weight_name=LORA_WEIGHT_NAME,
             safe_serialization=True,
-            unet_lora_adapter_metadata=metadata,
+            **{f"{which}_lora_layers": layers, f"{which}_lora_adapter_metadata": metadata},
         )
         (tmp / LORA_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     logger.info("saved LoRA weights (rank %d, %d tensors) to %s", config.r, len(layers), dest)
@@ -109,7 +124,8 @@ def save_pipeline(components: Any, unet: Any, dest: str | Path, *, merge_lora: b
     stays so). No safety checker / watermarker is saved, as ``DiffusionComponents.pipeline`` builds.
     """
     unet = _plain_unet(unet, merge_lora, "save_pipeline")
-    pipe = dataclasses.replace(components, unet=unet).pipeline()
+    which = "transformer" if getattr(components, "is_flow", False) else "unet"  # the trained network
+    pipe = dataclasses.replace(components, **{which: unet}).pipeline()
     dest = _check_dest(dest)
     with atomic_path(dest) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)

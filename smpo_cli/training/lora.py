@@ -27,6 +27,16 @@ logger = get_logger(__name__)
 
 # The attention projections, as in diffusers' train_text_to_image_lora / Diffusion-DPO scripts.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# SD3 / FLUX.1 transformers: the image-stream and the text-stream (add_*) attention projections of every
+# block, the default of diffusers' train_dreambooth_lora_sd3.py (and the attention part of the FLUX.1
+# script's); FLUX.1 single blocks have to_q/to_k/to_v only (their output is proj_out), SD3.5's attn2 is
+# matched by the same suffixes. Adapters on these keys load with the stock pipeline's load_lora_weights.
+FLOW_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def default_targets(family: str) -> tuple[str, ...]:
+    """The LoRA target modules of ``family``: UNet attention, or the flow transformers' joint attention."""
+    return FLOW_TARGETS if family in ("sd3", "flux") else DEFAULT_TARGETS
 
 
 def add_lora(

@@ -124,16 +124,23 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                             revision=m.revision, variant=m.variant,
                             dtype=m.dtype if m.dtype != "auto" else str(weight_dtype).removeprefix("torch."),
                             device=str(device))  # fmt: skip
-    for module in (comps.vae, comps.text_encoder, comps.text_encoder_2):
+    for module in (comps.vae, comps.text_encoder, comps.text_encoder_2, comps.text_encoder_3):
         if module is not None:
             module.requires_grad_(False).eval()
-    unet = comps.unet
+    if comps.is_flow:  # SD3 / FLUX.1: the transformer is trained (smpo_cli.training.flow_step)
+        from smpo_cli.training.flow_step import check_flow_recipe
+
+        check_flow_recipe(r, comps.family)
+        if sharded:
+            raise UsageError(f"train.sharding=fsdp is not available for {comps.family} models yet",
+                             hint="use LoRA (train.lora_rank) with train.sharding=none")  # fmt: skip
+    unet = comps.denoiser  # the UNet, or the SD3 / FLUX.1 transformer
     ref_unet = None
     if t.lora_rank is not None:
-        from smpo_cli.training.lora import add_lora
+        from smpo_cli.training.lora import add_lora, default_targets
 
         unet.requires_grad_(False)
-        add_lora(unet, rank=t.lora_rank, alpha=t.lora_alpha, seed=r.seed)
+        add_lora(unet, rank=t.lora_rank, alpha=t.lora_alpha, target_modules=default_targets(comps.family), seed=r.seed)
         for p in unet.parameters():  # the adapters train in fp32 even over an fp16 base
             if p.requires_grad:
                 p.data = p.data.float()
@@ -185,8 +192,8 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     raw_unet = accelerator.unwrap_model(unet)
     held = local_fraction(params)
-    schedule = NoiseSchedule.from_scheduler(comps.scheduler, comps.prediction_type)
-    models = StepModels(r, comps, unet, raw_unet, ref_unet, schedule, grid=make_grid(r, schedule),
+    schedule = None if comps.is_flow else NoiseSchedule.from_scheduler(comps.scheduler, comps.prediction_type)
+    models = StepModels(r, comps, unet, raw_unet, ref_unet, schedule, grid=make_grid(r, schedule) if schedule else [],
                         cache_levels=cache.levels if cache is not None else [], autocast=accelerator.autocast)  # fmt: skip
     table = load_pair_table(r)
     sampler = PositionSampler(table, r.seed, t.batch_size, accelerator.process_index, world,

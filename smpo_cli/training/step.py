@@ -24,10 +24,10 @@ from smpo_cli.inversion.schedule import NoiseSchedule, forward_noise, implied_no
 class StepModels:
     recipe: TrainRecipe
     comps: Any  # DiffusionComponents (text encoders, VAE, scheduler)
-    unet: Any  # the trained UNet (possibly wrapped by accelerate/DDP)
+    unet: Any  # the trained UNet, or SD3 / FLUX.1 transformer (possibly wrapped by accelerate/DDP)
     raw_unet: Any  # the same module unwrapped
     ref_unet: Any | None  # frozen copy for full fine-tuning; None with LoRA (adapters disabled instead)
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule | None  # None for the flow families (their levels come from the scheduler config)
     grid: list[int] = field(default_factory=list)
     cache_levels: list[int] = field(default_factory=list)
     autocast: Any = contextlib.nullcontext
@@ -114,6 +114,10 @@ def micro_batch_loss(models: StepModels, batch: dict[str, Any], draws: PairDraws
     from smpo_cli.models import vae as vae_ops
     from smpo_cli.training import losses
 
+    if getattr(models.comps, "is_flow", False):  # SD3 / FLUX.1: velocity targets, sigma levels
+        from smpo_cli.training.flow_step import flow_micro_batch_loss
+
+        return flow_micro_batch_loss(models, batch, draws, device)
     r = models.recipe
     method, inv = r.method.name, r.inversion
     P = batch["size"]

@@ -1,0 +1,162 @@
+"""`smpo train` end to end on the tiny flow-matching models (tiny-sd3, tiny-flux) and scored toy pairs (CPU, fp32).
+
+SmPO with online flow ReNoise inversion, Diffusion-DPO and SFT through the real loader, LoRA on the
+transformer's attention projections (reference = adapters off) and full fine-tuning (deep-copied reference).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smpo_cli.config import load_recipe
+from smpo_cli.errors import SmpoError
+from smpo_cli.runs import execute
+from smpo_cli.training.runner import run_training
+
+pytestmark = pytest.mark.integration
+FLOW = ["tiny-sd3", "tiny-flux"]
+LORA = ("train.lora_rank=4",)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """16 toy pairs scored with the embedded tiny PickScore-architecture model (as tests/train/test_train_stage.py)."""
+    from smpo_cli.data.toy_pairs import write_toy_pairs
+    from smpo_cli.scoring.runner import run_scoring
+
+    root = tmp_path_factory.mktemp("toy")
+    pairs = write_toy_pairs(root / "pairs", n=16)
+    execute("score", load_recipe("tiny_score_cpu", "score", [f"data.path={pairs}", f"output_dir={root / 'scored'}"]),
+            run_scoring)  # fmt: skip
+    return root / "scored"
+
+
+def train(model: str, scored: Path, out: Path, *extra: str, recipe: str = "tiny_smpo_cpu"):
+    loaded = load_recipe(
+        recipe, "train", [f"data.path={scored}", f"output_dir={out}", f"model.pretrained={model}", *extra]
+    )
+    return execute("train", loaded, run_training, resume=lambda r: r.train.resume is not None)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def lora_file(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+def transformer_state(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(next((folder / "transformer").glob("*.safetensors"))))
+
+
+@pytest.mark.parametrize("model", FLOW)
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_p_one_half_changes_no_weight(scored, tmp_path, model, lora):
+    """SmPO with p = 0.5 for every pair: coefficient 0, loss log 2, an optimiser step changes no weight."""
+    half = tmp_path / "half"
+    shutil.copytree(scored, half)
+    for f in (half / "data").glob("*.parquet"):
+        table = pq.read_table(f)
+        i = table.column_names.index("pickscore_p")
+        pq.write_table(table.set_column(i, "pickscore_p", pa.array([0.5] * table.num_rows)), f)
+    out = tmp_path / "run"
+    extra = [*LORA] if lora else []
+    result = train(model, half, out, "train.max_steps=1", "optim.max_grad_norm=null", "optim.lr=1e-3", *extra)
+    assert result.final_loss == pytest.approx(math.log(2), abs=1e-7)
+    if lora:
+        assert all(
+            not v.any() for k, v in lora_file(out).items() if "lora_B" in k
+        )  # lora_B starts (and stays) 0
+    else:
+        from smpo_cli.models.tiny import materialize_tiny
+
+        trained, base = transformer_state(out / "pipeline"), transformer_state(materialize_tiny(model))
+        assert trained.keys() == base.keys() and all(torch.equal(trained[k], base[k]) for k in base)
+
+
+@pytest.mark.parametrize("model", FLOW)
+def test_smpo_dpo_sft_run_end_to_end(scored, tmp_path, model):
+    smpo = train(model, scored, tmp_path / "smpo", "train.max_steps=2", *LORA)
+    assert smpo.steps == 2 and smpo.ranks_in_sync and smpo.skipped_pairs == 0
+    first = rows(tmp_path / "smpo")[0]
+    for key in ("loss", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l", "implicit_acc", "mean_p", "mean_t",
+                "grad_norm"):  # fmt: skip
+        assert math.isfinite(first[key]), key
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts equal to the reference
+    assert 0 < first["mean_t"] < 1000
+    # 2 micro-batches x (inversion: at most 5 levels x (1 + 1 re-noise) + policy + reference)
+    assert 2 * 2 < first["unet_calls"] <= 2 * (5 * 2 + 2)
+    dpo = train(model, scored, tmp_path / "dpo", "train.max_steps=2", *LORA, recipe="tiny_dpo_cpu")
+    assert dpo.steps == 2 and dpo.unet_calls_per_step == 2 * 2 and math.isfinite(dpo.final_loss)
+    sft = train(
+        model, scored, tmp_path / "sft", "train.max_steps=1", "method.name=sft", *LORA, recipe="tiny_dpo_cpu"
+    )
+    assert sft.steps == 1 and sft.unet_calls_per_step == 2 and sft.final_loss > 0
+
+
+def _pipeline_latents(pipe, seed: int = 0) -> torch.Tensor:
+    return pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="latent",
+                generator=torch.Generator().manual_seed(seed)).images  # fmt: skip
+
+
+@pytest.mark.parametrize("model", FLOW)
+def test_the_lora_loads_with_the_stock_pipeline_and_changes_its_output(scored, tmp_path, model):
+    from peft import get_peft_model_state_dict
+
+    from smpo_cli.models import load_components
+
+    out = tmp_path / "run"
+    train(model, scored, out, "train.max_steps=1", "optim.lr=1e-3", *LORA)
+    info = json.loads((out / "lora" / "smpo_lora.json").read_text())
+    assert info["family"] == model.removeprefix("tiny-") and "add_q_proj" in info["target_modules"]
+    pipe = load_components(model, device="cpu").pipeline()
+    base = _pipeline_latents(pipe)
+    assert torch.equal(base, _pipeline_latents(pipe))  # deterministic
+    pipe.load_lora_weights(str(out / "lora"))  # the stock SD3 / FLUX loader
+    (name,) = pipe.get_list_adapters()["transformer"]
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name=name)
+    trained = load_file(str(out / "checkpoints" / "step-000001" / "trainable.safetensors"))
+    assert loaded.keys() == trained.keys() and len(trained) > 0
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
+    assert any(trained[k].any() for k in trained if "lora_B" in k)
+    assert (_pipeline_latents(pipe) - base).abs().max() > 1e-4
+
+
+def test_full_fine_tuning_saves_a_stock_pipeline(scored, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "full"
+    result = train("tiny-sd3", scored, out, "train.max_steps=1", "optim.lr=1e-4", recipe="tiny_dpo_cpu")
+    assert result.steps == 1 and result.model_path.endswith("pipeline")
+    pipe = StableDiffusion3Pipeline.from_pretrained(out / "pipeline")
+    assert _pipeline_latents(pipe).shape == (1, 16, 16, 16)
+
+
+@pytest.mark.parametrize("model", FLOW)
+def test_resume_continues_exactly(scored, tmp_path, model):
+    """Stopped after step 2 (its checkpoint) and resumed to step 3: the same LoRA as an uninterrupted run."""
+    args = ["optim.lr=1e-3", "train.checkpoint_every_steps=1", *LORA]
+    train(model, scored, tmp_path / "straight", "train.max_steps=3", *args)
+    train(model, scored, tmp_path / "stopped", "train.max_steps=2", *args)
+    resumed = train(model, scored, tmp_path / "stopped", "train.max_steps=3", "train.resume=auto", *args)
+    assert resumed.resumed_from == 2 and resumed.steps == 3
+    a, b = lora_file(tmp_path / "straight"), lora_file(tmp_path / "stopped")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in rows(tmp_path / "straight")] == [r["loss"] for r in rows(tmp_path / "stopped")]
+
+
+@pytest.mark.parametrize("setting", ["inversion.source=cache", "inversion.timestep_mode=grid"])
+def test_unsupported_flow_settings_are_refused(scored, tmp_path, setting):
+    extra = [setting, "inversion.cache_path=nowhere"] if "cache" in setting else [setting]
+    with pytest.raises(SmpoError, match="online|exact"):
+        train("tiny-sd3", scored, tmp_path / "x", "train.max_steps=1", "model.family=sd3", *extra, *LORA)
