@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one run on one CUDA GPU, in under 8 minutes (the time limits below add up to
-# 7 min 30 s at most), then one table of their headline numbers.
+# 7 min 55 s at most), then one table of their headline numbers.
 #
 #   bash bench/gpu_suite.sh           # run; results in $OUT (default runs/gpu_suite, from the repo root)
 #   bash bench/gpu_suite.sh --dry     # print the commands only
@@ -11,7 +11,7 @@
 # status: 0 when every benchmark is ok, 1 otherwise.
 #
 # Environment: OUT (result folder), PYTHON (interpreter, default python), and the limits in seconds
-# T_SCORE, T_INVERSION, T_TRAIN_STEP, T_PYTEST.
+# T_SCORE, T_INVERSION, T_TRAIN_STEP, T_MEMORY, T_PYTEST.
 #
 # bench/inversion.py always measures its CPU model too (there is no flag to skip it): --threads 8 keeps that
 # part short on a GPU machine's cores. bench/score_throughput.py starts one process per variant and round
@@ -36,12 +36,13 @@ done
 cd "$(dirname "$0")/.." || exit 2
 OUT_DIR="${OUT:-runs/gpu_suite}"
 PY="${PYTHON:-python}"
-T_SCORE="${T_SCORE:-140}"
-T_INVERSION="${T_INVERSION:-130}"
+T_SCORE="${T_SCORE:-120}"
+T_INVERSION="${T_INVERSION:-110}"
+T_MEMORY="${T_MEMORY:-60}"
 T_TRAIN_STEP="${T_TRAIN_STEP:-110}"
 T_PYTEST="${T_PYTEST:-50}"
 KILL_AFTER=5   # seconds between timeout's TERM and KILL
-NAMES=(score_throughput inversion train_step pytest_gpu)
+NAMES=(score_throughput inversion train_step memory_plan pytest_gpu)
 
 # name, limit, output file, command
 run_bench() {
@@ -78,6 +79,8 @@ run_bench inversion "$T_INVERSION" inversion.json \
     "$PY" bench/inversion.py --device cuda --threads 8 --json
 run_bench train_step "$T_TRAIN_STEP" train_step.json \
     "$PY" bench/train_step.py --device cuda --size sd15 --json
+run_bench memory_plan "$T_MEMORY" memory_plan.json \
+    "$PY" bench/memory_plan.py --device cuda --size sd15 --json
 run_bench pytest_gpu "$T_PYTEST" pytest_gpu.out \
     "$PY" -m pytest -m gpu -q -p no:cacheprovider --junit-xml="$OUT_DIR/pytest_gpu.xml"
 
@@ -146,6 +149,15 @@ def train_step(d):
     return s
 
 
+def memory_plan(d):
+    parts = []
+    for row in d.get("rows", []):
+        ckpt = "ckpt" if row.get("gradient_checkpointing") else "no ckpt"
+        parts.append(f"{ckpt}: estimate {f(row.get('estimate_gib'))} vs measured {f(row.get('measured_gib'))} GiB "
+                     f"({f(row.get('error_pct'), 1)}%)")
+    return "; ".join(parts) or None
+
+
 def pytest_gpu(_d):
     xml = out / "pytest_gpu.xml"
     if not xml.is_file():
@@ -159,7 +171,8 @@ def pytest_gpu(_d):
     return f"{passed} passed, {n['failures'] + n['errors']} failed, {n['skipped']} skipped"
 
 
-HEADLINES = {"score_throughput": score, "inversion": inversion, "train_step": train_step, "pytest_gpu": pytest_gpu}
+HEADLINES = {"score_throughput": score, "inversion": inversion, "train_step": train_step, "memory_plan": memory_plan,
+             "pytest_gpu": pytest_gpu}
 rows, summary = [], {}
 for name in sys.argv[1:]:
     rc_file = out / f"{name}.rc"

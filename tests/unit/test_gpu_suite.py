@@ -54,13 +54,14 @@ def test_bash_syntax():
     assert "set -u" in SUITE.read_text()
 
 
-def test_dry_lists_the_four_benchmarks(tmp_path):
+def test_dry_lists_the_five_benchmarks(tmp_path):
     commands = [_command(t)[0] for t in _dry(tmp_path / "out")]
-    assert len(commands) == 4
-    score, inversion, train_step, gpu_tests = commands
+    assert len(commands) == 5
+    score, inversion, train_step, memory, gpu_tests = commands
     assert score[1:] == ["bench/score_throughput.py", "--device", "cuda", "--bf16", "--json"]
     assert inversion[1:3] == ["bench/inversion.py", "--device"] and {"cuda", "--json"} <= set(inversion)
     assert train_step[1:] == ["bench/train_step.py", "--device", "cuda", "--size", "sd15", "--json"]
+    assert memory[1:] == ["bench/memory_plan.py", "--device", "cuda", "--size", "sd15", "--json"]
     assert gpu_tests[1:5] == ["-m", "pytest", "-m", "gpu"]
     assert any(a.startswith("--junit-xml=" + str(tmp_path / "out")) for a in gpu_tests)
 
@@ -70,7 +71,7 @@ def test_limits_fit_in_eight_minutes(tmp_path):
 
 
 def test_every_bench_script_and_flag_exists(tmp_path):
-    for tokens in _dry(tmp_path / "out")[:3]:
+    for tokens in _dry(tmp_path / "out")[:4]:
         argv, _ = _command(tokens)
         script = argv[1]
         assert (ROOT / script).is_file(), script
@@ -88,7 +89,7 @@ def _help_text(script: str) -> str:
 
 
 def test_pytest_flags_exist(tmp_path):
-    argv, _ = _command(_dry(tmp_path / "out")[3])
+    argv, _ = _command(_dry(tmp_path / "out")[4])
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^\s*"gpu: ', pyproject, re.M), "the gpu marker is registered (--strict-markers)"
     # pytest's own options, read outside the repository so that no conftest loads
@@ -108,6 +109,7 @@ case "$*" in
     *score_throughput.py*) echo '{{"smpo_pairs_per_s": 3.0, "loop_pairs_per_s": 1.5, "speedup": 2.0, "pairs": 48}}' ;;
     *inversion.py*) echo "Traceback: CUDA not available" >&2; exit 3 ;;
     *train_step.py*) exec sleep 60 ;;
+    *memory_plan.py*) echo '{{"rows": [{{"gradient_checkpointing": false, "estimate_gib": 18.8, "measured_gib": 17.9, "error_pct": 5.0}}]}}' ;;
     *pytest*)
         for a in "$@"; do case "$a" in --junit-xml=*) xml="${{a#--junit-xml=}}" ;; esac; done
         echo '<testsuites><testsuite name="pytest" tests="2" failures="0" errors="0" skipped="1"/></testsuites>' > "$xml"
@@ -127,8 +129,9 @@ def test_table_reports_ok_failed_and_timed_out(tmp_path):
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr  # not every benchmark ok
     rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()[:1] and
-            line.split()[0] in ("score_throughput", "inversion", "train_step", "pytest_gpu")}  # fmt: skip
-    assert len(rows) == 4, proc.stdout
+            line.split()[0] in ("score_throughput", "inversion", "train_step", "memory_plan", "pytest_gpu")}  # fmt: skip
+    assert len(rows) == 5, proc.stdout
+    assert " ok " in rows["memory_plan"] and "estimate 18.80 vs measured 17.90 GiB (5.0%)" in rows["memory_plan"]
     assert " ok " in rows["score_throughput"] and "(2.00x)" in rows["score_throughput"]
     assert "failed (exit 3)" in rows["inversion"] and "CUDA not available" in rows["inversion"]
     assert "timed out" in rows["train_step"]
@@ -139,5 +142,6 @@ def test_table_reports_ok_failed_and_timed_out(tmp_path):
         "score_throughput": "ok",
         "inversion": "failed (exit 3)",
         "train_step": "timed out",
+        "memory_plan": "ok",
         "pytest_gpu": "ok",
     }
