@@ -70,7 +70,7 @@ def invert(
     skipped = sum(result.skipped.values())
     table.add_row("skipped", str(skipped) + (f"  ({result.skipped}; see skipped.jsonl)" if skipped else ""))
     table.add_row("levels", ", ".join(map(str, result.levels)))
-    table.add_row("UNet evaluations per image", f"{result.unet_calls_per_image:g}")
+    table.add_row("model evaluations per image", f"{result.unet_calls_per_image:g}")
     if result.storage_bytes_per_pair:
         table.add_row("storage per pair", f"{result.storage_bytes_per_pair / 1024:.1f} KiB")
     rec = result.reconstruction

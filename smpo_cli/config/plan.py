@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-TINY_NAMES = ("tiny-sd15", "tiny-sdxl")
+TINY_NAMES = ("tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux")
 
 
 def describe_model_ref(ref: str) -> tuple[str, str]:
@@ -72,6 +72,28 @@ def _model_lines(model: BaseModel, prefix: str) -> list[tuple[str, str]]:
     return lines
 
 
+def _flow_invert_lines(recipe: Any) -> list[tuple[str, str]]:
+    """smpo invert on an SD3 / FLUX.1 model (family read from the files, no weights): what its levels mean and
+    the settings the run would refuse."""
+    try:
+        from smpo_cli.models.loading import detect_family
+
+        family = detect_family(recipe.model.pretrained, revision=recipe.model.revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - an unknown or remote model: no flow lines
+        return []
+    if family not in ("sd3", "flux"):
+        return []
+    inv = recipe.inversion
+    sigmas = ", ".join(f"{t / 1000:g}" for t in inv.levels)
+    how = "inverse Euler" if inv.method == "ddim" else "flow ReNoise"
+    lines = [("ok", f"{family} (flow matching): level t is the noise level s = t / 1000 (s = {sigmas}); {how}, "
+                    "Euler back (images); pairs: each level inverted separately, as online training does")]  # fmt: skip
+    if inv.noise_regularization or inv.guidance_scale is not None or min(inv.levels) < 1:
+        lines.append(("warn", f"{family}: the run refuses inversion.noise_regularization, inversion.guidance_scale "
+                              "and level 0"))  # fmt: skip
+    return lines
+
+
 def plan_lines(recipe: BaseModel, memory: Any = None) -> list[tuple[str, str]]:
     """Human-readable plan of a validated recipe.
 
@@ -120,6 +142,7 @@ def plan_lines(recipe: BaseModel, memory: Any = None) -> list[tuple[str, str]]:
         steps = f"{inv.num_steps}-level grid"
         how = "DDIM" if inv.method == "ddim" else f"ReNoise, {inv.renoise_iterations} iteration(s), window {inv.average_window}"
         lines.append(("ok", f"inversion: {how}, {steps}, levels {inv.levels}"))
+        lines.extend(_flow_invert_lines(data))
         from smpo_cli.inversion.storage import storage_per_pair
 
         per_pair, where = storage_per_pair(recipe)

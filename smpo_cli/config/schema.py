@@ -57,7 +57,7 @@ class TrainModelSpec(ModelSpec):
 
     family: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = Field(
         "auto", description="Model family; auto detects it from the files (sd3 / flux: flow matching, "
-        "inversion.source online or none)."
+        "inversion.source online, cache or none)."
     )
 
 
@@ -263,8 +263,9 @@ class TrainRecipe(Block):
                              "set data.random_crop=false and data.random_flip=false")
         if self.inversion.source == "cache" and self.inversion.timestep_mode.startswith("official"):
             raise ValueError(f"inversion.timestep_mode={self.inversion.timestep_mode} needs inversion.source=online")
-        if self.model.family in ("sd3", "flux") and self.inversion.source in ("cache", "plan"):
-            raise ValueError(f"model.family={self.model.family} inverts online: set inversion.source=online or none")
+        if self.model.family in ("sd3", "flux") and self.inversion.source == "plan":
+            raise ValueError(f"inversion.source=plan is for the UNet families, not model.family={self.model.family}: "
+                             "set inversion.source=online, cache or none")
         if self.model.family in ("sd3", "flux") and self.inversion.timestep_mode != "exact":
             raise ValueError(f"model.family={self.model.family} inverts to exactly the drawn level: "
                              "set inversion.timestep_mode=exact")
@@ -404,7 +405,8 @@ class InvertMethodSpec(Block):
     levels: list[Annotated[int, Field(ge=0, le=999)]] = Field(
         default_factory=lambda: [999],
         description="Timesteps to invert to. images: the highest is inverted and reconstructed; pairs: every "
-        "level is cached (training samples t among them).",
+        "level is cached (training samples t among them). Flow models (SD3, FLUX.1): t is the noise level "
+        "s = t / 1000, t in 1..999.",
     )
     batch_size: PositiveInt = Field(4, description="Images per UNet batch (a pair counts 2).")
     cache_dtype: Literal["float16", "bfloat16", "float32"] = Field(
@@ -446,7 +448,7 @@ class InvertRecipe(Block):
     seed: int = Field(0, description="Seed of the regularisation noise.")
     output_dir: str = Field(description="Output folder; a rerun with the same recipe resumes it.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (under accelerate: each process its own).")
-    model: ModelSpec = Field(description="The (reference) model that inverts.")
+    model: TrainModelSpec = Field(description="The (reference) model that inverts (SD1.5, SDXL, SD3 or FLUX.1).")
     data: InvertDataSpec
     inversion: InvertMethodSpec = Field(default_factory=InvertMethodSpec)
     plan: InvertPlanSpec | None = Field(

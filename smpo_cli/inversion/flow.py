@@ -52,6 +52,22 @@ class FlowInversionResult:
     trajectory: list[list[torch.Tensor]] | None = None
 
 
+def check_flow_invert(inv: Any, family: str) -> None:
+    """Refuse, in one line, the ``smpo invert`` settings (``InvertMethodSpec``) a flow model has no use for.
+
+    Levels are integers t of the 1000-step training grid, the noise level s = t / 1000 (the SD3 transformer's
+    timestep): 1..999, since t = 0 is the image itself."""
+    if inv.noise_regularization:
+        raise UsageError(f"inversion.noise_regularization is for the UNet families, not {family} models",
+                         hint="set inversion.noise_regularization=false")  # fmt: skip
+    if inv.guidance_scale is not None:
+        raise UsageError(f"inversion.guidance_scale (classifier-free guidance) is not available for {family} models",
+                         hint="set inversion.guidance_scale=null")  # fmt: skip
+    if min(inv.levels) < 1:
+        raise UsageError(f"inversion.levels: level 0 is the image itself; {family} levels are t in 1..999 "
+                         "(noise level s = t / 1000)")  # fmt: skip
+
+
 def is_flux(transformer: Any) -> bool:
     return type(transformer).__name__.startswith("Flux") or "axes_dims_rope" in getattr(
         transformer, "config", {}

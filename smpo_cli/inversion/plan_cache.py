@@ -243,9 +243,9 @@ def run_plan_inversion(recipe):
                             device=str(device))  # fmt: skip
     if comps.is_flow:  # flow models invert online, inside smpo train (smpo_cli/inversion/flow.py)
         raise UsageError(
-            f"smpo invert: {m.pretrained} is a flow-matching model ({comps.family}); the inversion cache and "
-            "smpo invert support SD1.5/SDXL only",
-            hint="train flow models with inversion.source=online (their recipes do)",
+            f"smpo invert plan.train_recipe: {m.pretrained} is a flow-matching model ({comps.family}); the plan cache "
+            "serves SD1.5/SDXL only",
+            hint="for flow models use inversion.source=online or an smpo invert cache (inversion.source=cache)",
         )
     for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
         if module is not None:

@@ -11,6 +11,14 @@ Two uses of one pipeline (decode -> resize/crop -> VAE encode -> prompt encode -
   latents and their inversions to every level, in ``cache/part-K.safetensors`` shards that
   ``InversionCache`` reads with random access.
 
+Flow-matching models (SD3 / SD3.5, FLUX.1; :class:`_FlowInverter`): a level t of ``inversion.levels`` is
+the noise level s = t / 1000 (t = 1000 s is the timestep the transformer is told; levels 1..999). Each
+image is inverted with flow ReNoise (:func:`smpo_cli.inversion.flow.flow_invert`; ``method=ddim`` is the
+plain inverse Euler step, K = 0) with the sampler's shift at the data resolution; the images layout
+samples back with Euler steps along the same levels. The pairs layout inverts every image to every
+level separately, along exactly the path online training inversion takes to that level (so a cached
+x_s equals the online one), at the sum of the levels' step counts per image.
+
 Shards are atomic and resumable, and split across processes under ``accelerate launch``, exactly as
 in ``smpo score``; a corrupt image skips its whole row, recorded in ``skipped.jsonl``.
 """
@@ -28,7 +36,7 @@ import numpy as np
 import torch
 
 from smpo_cli.config.schema import InvertRecipe
-from smpo_cli.errors import DataError, UsageError
+from smpo_cli.errors import DataError
 from smpo_cli.inversion.cache import CACHE_DIR
 from smpo_cli.inversion.storage import storage_per_pair
 from smpo_cli.scoring.decode import RowDecoder, collate
@@ -203,6 +211,22 @@ class _Inverter:
         self.images += len(x0)
         return out
 
+    def level_info(self, t: int) -> dict[str, Any]:
+        return {}
+
+    def cache_meta(self) -> dict[str, Any]:
+        return {}
+
+    def invert_levels(self, x0: torch.Tensor, cond, levels: list[int]) -> torch.Tensor:
+        """(B, L, C, h, w): each image's latent at every level of ``levels``, from one trajectory to the top
+        level (the grid holds every level)."""
+        out = self.invert(x0, cond, max(levels), trajectory=True)
+        per_level = []
+        for traj in out.trajectory:
+            where = {lvl: i for i, lvl in enumerate(traj.levels)}
+            per_level.append(torch.stack([traj.latents[where[lvl]] for lvl in levels]))
+        return torch.stack(per_level)
+
     def sample_back(self, x_t: torch.Tensor, cond, t: int) -> torch.Tensor:
         from smpo_cli.inversion.ddim import ddim_sample
 
@@ -212,6 +236,73 @@ class _Inverter:
                           uncond=self.uncond.expand(len(x_t)) if self.uncond else None)  # fmt: skip
         self.noise_estimates += int(out.nfe.sum())
         return out.latents
+
+
+class _FlowInverter:
+    """The :class:`_Inverter` of the flow-matching families (SD3 / SD3.5, FLUX.1): level t is s = t / 1000,
+    inverted with :func:`~smpo_cli.inversion.flow.flow_invert` and sampled back with
+    :func:`~smpo_cli.inversion.flow.flow_euler_sample` (see the module docstring)."""
+
+    def __init__(self, recipe: InvertRecipe, comps) -> None:
+        from smpo_cli.inversion.flow import check_flow_invert
+
+        check_flow_invert(recipe.inversion, comps.family)
+        self.recipe, self.comps = recipe, comps
+        inv = recipe.inversion
+        self.n_train = int(comps.scheduler.config.get("num_train_timesteps", 1000))
+        self.iterations = 0 if inv.method == "ddim" else int(inv.renoise_iterations)
+        self.window = 1 if inv.method == "ddim" else int(inv.average_window)
+        self.noise_estimates = 0  # transformer evaluations, counted per image
+        self.images = 0
+
+    def start_shard(self, index: int) -> None:  # no random draws: nothing to seed
+        pass
+
+    def sigma(self, t: int) -> float:
+        return t / self.n_train
+
+    def level_info(self, t: int) -> dict[str, Any]:
+        return {"sigma": self.sigma(t)}
+
+    def cache_meta(self) -> dict[str, Any]:
+        levels = list(self.recipe.inversion.levels)
+        return {"sigmas": [self.sigma(t) for t in levels], "num_train_timesteps": self.n_train}
+
+    def cond(self, prompts: list[str], sizes, crops):
+        from smpo_cli.models.conditioning import encode_prompts
+
+        return encode_prompts(self.comps, prompts)
+
+    def _levels(self, x: torch.Tensor, t: int) -> tuple[float, list[list[float]]]:
+        from smpo_cli.inversion.flow import inversion_levels
+        from smpo_cli.training.flow_step import train_shift
+
+        shift = train_shift(self.comps.scheduler, x.shape[-2], x.shape[-1])
+        return shift, inversion_levels([self.sigma(t)] * len(x), self.recipe.inversion.num_steps, shift)
+
+    def invert(self, x0: torch.Tensor, cond, t: int, trajectory: bool = False, count: bool = True):
+        from smpo_cli.inversion.flow import flow_invert
+
+        inv = self.recipe.inversion
+        shift, levels = self._levels(x0, t)
+        out = flow_invert(self.comps.transformer, x0, cond, self.sigma(t), num_steps=inv.num_steps, shift=shift,
+                          renoise_iterations=self.iterations, average_window=self.window,
+                          first_prediction=inv.first_prediction, num_train_timesteps=self.n_train)  # fmt: skip
+        self.noise_estimates += sum(len(lv) - 1 for lv in levels) * (1 + self.iterations)
+        self.images += len(x0) if count else 0
+        return out
+
+    def invert_levels(self, x0: torch.Tensor, cond, levels: list[int]) -> torch.Tensor:
+        """(B, L, C, h, w): each image inverted to each level separately (online training's path to it)."""
+        per_level = [self.invert(x0, cond, t, count=i == 0).latents.float() for i, t in enumerate(levels)]
+        return torch.stack(per_level, dim=1)
+
+    def sample_back(self, x_t: torch.Tensor, cond, t: int) -> torch.Tensor:
+        from smpo_cli.inversion.flow import flow_euler_sample
+
+        _, levels = self._levels(x_t, t)
+        self.noise_estimates += sum(len(lv) - 1 for lv in levels)
+        return flow_euler_sample(self.comps.transformer, x_t, cond, levels, num_train_timesteps=self.n_train)
 
 
 def _decoded_batches(
@@ -260,8 +351,9 @@ def _images_shard(
     ids = table.column("id").to_pylist() if "id" in table.column_names else table.column(cols[0]).to_pylist()
     out_dir = Path(recipe.output_dir)
     results, skipped = [], []
+    level = inverter.level_info(t)  # flow models: the noise level s of t
     settings = json.dumps(
-        {"model": recipe.model.pretrained, "t": t, **recipe.inversion.model_dump(mode="json")}
+        {"model": recipe.model.pretrained, "t": t, **level, **recipe.inversion.model_dump(mode="json")}
     )
     for batch in loader:
         valid = [b for b in batch if b.skip_reason is None]
@@ -291,7 +383,7 @@ def _images_shard(
                 with atomic_path(recon_path, suffix=".png") as tmp:
                     vae_ops.to_pil(rec[j : j + 1])[0].save(tmp, format="PNG")
                 results.append({
-                    "row": row, "id": name, "prompt": item.prompt, "timestep": t,
+                    "row": row, "id": name, "prompt": item.prompt, "timestep": t, **level,
                     "psnr_db": round(float(psnr[j]), 4), "vae_psnr_db": round(float(vae_psnr[j]), 4),
                     "latent_mse": float(latent_mse[j]),
                     "noise_std": float(inverted.latents[j].std()),
@@ -312,7 +404,6 @@ def _pairs_shard(
     from smpo_cli.models import vae as vae_ops
 
     comps, res, levels = inverter.comps, recipe.data.resolution, list(recipe.inversion.levels)
-    t = max(levels)
     table, loader = _decoded_batches(recipe, source, shard, cols, prompt_col)
     row_ids = table.column(ROW_COLUMN).to_pylist() if ROW_COLUMN in table.column_names else None
     dtype = getattr(torch, recipe.inversion.cache_dtype)
@@ -334,12 +425,7 @@ def _pairs_shard(
             seeds = vae_ops.posterior_seeds(recipe.seed, ids) if sample else None
             x0 = vae_ops.encode(comps.vae, pixels, sample=sample, seeds=seeds)
             cond = inverter.cond(prompts, sizes, crops)
-            out = inverter.invert(x0, cond, t, trajectory=True)
-            per_level = []
-            for traj in out.trajectory:
-                where = {lvl: i for i, lvl in enumerate(traj.levels)}
-                per_level.append(torch.stack([traj.latents[where[lvl]] for lvl in levels]))
-            inverted = torch.stack(per_level)  # (2n, L, C, h, w)
+            inverted = inverter.invert_levels(x0, cond, levels)  # (2n, L, C, h, w)
             n = len(valid)
             parts["latents"].append(x0.cpu().reshape(n, 2, *x0.shape[1:]).to(dtype))
             parts["inverted"].append(inverted.cpu().reshape(n, 2, *inverted.shape[1:]).to(dtype))
@@ -357,7 +443,7 @@ def _pairs_shard(
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         meta = {"levels": levels, "resolution": res, "model": recipe.model.model_dump(mode="json"),
                 "inversion": recipe.inversion.model_dump(mode="json"), "family": comps.family,
-                "prediction_type": comps.prediction_type}  # fmt: skip
+                "prediction_type": comps.prediction_type, **inverter.cache_meta()}  # fmt: skip
         with atomic_path(store.payload(shard.index), suffix=".safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"smpo": json.dumps(meta)})
 
@@ -394,16 +480,10 @@ def run_inversion(recipe: InvertRecipe) -> InvertResult:
     m = recipe.model
     comps = load_components(m.pretrained, family=m.family, vae=m.vae, unet=m.unet, config=m.config,
                             revision=m.revision, variant=m.variant, dtype=m.dtype, device=device)  # fmt: skip
-    if comps.is_flow:  # flow models invert online, inside smpo train (smpo_cli/inversion/flow.py)
-        raise UsageError(
-            f"smpo invert: {m.pretrained} is a flow-matching model ({comps.family}); the inversion cache and "
-            "smpo invert support SD1.5/SDXL only",
-            hint="train flow models with inversion.source=online (their recipes do)",
-        )
-    for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
+    for module in (comps.denoiser, comps.vae, comps.text_encoder, comps.text_encoder_2, comps.text_encoder_3):
         if module is not None:
             module.requires_grad_(False).eval()
-    inverter = _Inverter(recipe, comps)
+    inverter = _FlowInverter(recipe, comps) if comps.is_flow else _Inverter(recipe, comps)
     per_row = 2 if layout == "pairs" else 1
     todo = sum(s.stop - s.start for s in mine)
     logger.info("inverting %d %s in %d shards (%d done) with %s to levels %s on %s",

@@ -12,9 +12,9 @@ def latent_geometry(recipe: InvertRecipe) -> tuple[int, int, str]:
     """(latent channels, VAE downsampling factor, where that came from) without loading weights."""
     ref = recipe.model.vae or recipe.model.pretrained
     candidates: list[Path] = []
-    from smpo_cli.models.tiny import TINY_MODELS, tiny_model_dir
+    from smpo_cli.models.tiny import ALL_TINY_MODELS, tiny_model_dir
 
-    if ref in TINY_MODELS:
+    if ref in ALL_TINY_MODELS:  # SD3 / FLUX.1 too: 16-channel latents
         candidates.append(tiny_model_dir(ref) / "vae" / "config.json")
     path = Path(ref).expanduser()
     candidates += [path / "vae" / "config.json", path / "config.json"]

@@ -14,6 +14,11 @@ so a pair gets the same draws at the same step however the step is split.
   (:func:`smpo_cli.inversion.flow.flow_invert`, by the reference or the policy), target the velocity the
   inverted latent implies, (x_s - x0) / s. SmPO with ``inversion.source=none``: the DPO noising with the
   SmPO coefficient.
+* ``inversion.source=cache`` (``smpo invert`` on the scored pairs, :mod:`smpo_cli.inversion.runner`): x0 and
+  x_s from the cache; per pair one cached level t drawn uniformly from its generator (as the UNet families),
+  s = t / 1000, target (x_s - x0) / s. The cache inverts each image to each level along the path online
+  inversion takes, so a step equals the online step at the same s (with the same prompt: a prompt dropped by
+  ``data.empty_prompt_prob`` was still inverted with its text).
 * Policy and reference (LoRA adapters off, or a frozen copy) predict at the same x_s; the transformer is
   told SD3: t = 1000 s, FLUX.1: s (with guidance 3.5 when guidance-distilled), see
   :func:`~smpo_cli.inversion.flow.flow_velocity`.
@@ -30,7 +35,7 @@ import torch
 
 from smpo_cli.errors import UsageError
 
-FLOW_INVERSION_SOURCES = ("online", "none")
+FLOW_INVERSION_SOURCES = ("online", "cache", "none")
 
 
 def check_flow_recipe(recipe: Any, family: str) -> None:
@@ -38,8 +43,8 @@ def check_flow_recipe(recipe: Any, family: str) -> None:
     inv = recipe.inversion
     if inv.source not in FLOW_INVERSION_SOURCES:
         raise UsageError(f"inversion.source={inv.source} is not available for {family} models",
-                         hint="use inversion.source=online (SmPO) or none (Diffusion-DPO / SFT)")  # fmt: skip
-    if inv.source == "online" and inv.timestep_mode != "exact":
+                         hint="use inversion.source=online or cache (SmPO) or none (Diffusion-DPO / SFT)")  # fmt: skip
+    if inv.source in ("online", "cache") and inv.timestep_mode != "exact":
         raise UsageError(f"inversion.timestep_mode={inv.timestep_mode} is for the UNet families",
                          hint=f"{family} models invert to exactly the drawn level: set inversion.timestep_mode=exact")  # fmt: skip
 
@@ -84,16 +89,28 @@ def flow_micro_batch_loss(
         value = batch[key]
         return value.transpose(0, 1).reshape(2 * P, *value.shape[2:])
 
-    sample = r.data.latents == "sample"
-    x0 = vae_ops.encode(models.comps.vae, both("pixels").to(device), sample=sample,
-                        seeds=draws.image_seeds() if sample else None).float()  # fmt: skip
+    if "latents" in batch:  # from the inversion cache
+        x0 = both("latents").to(device).float()
+        channels = int(models.comps.vae.config.latent_channels)
+        if x0.shape[1] != channels:
+            raise UsageError(f"the inversion cache holds {x0.shape[1]}-channel latents, the {models.comps.family} "
+                             f"VAE makes {channels}: it was made with another model",
+                             hint="rebuild it with smpo invert and this model")  # fmt: skip
+    else:
+        sample = r.data.latents == "sample"
+        x0 = vae_ops.encode(models.comps.vae, both("pixels").to(device), sample=sample,
+                            seeds=draws.image_seeds() if sample else None).float()  # fmt: skip
     cond = encode_prompts(models.comps, list(batch["prompt"]) * 2, device=device)
     shift = train_shift(models.comps.scheduler, x0.shape[-2], x0.shape[-1])
 
     def forward(module, x, s, c):
         return flow_velocity(module, x, s.to(device), c, num_train_timesteps=n_train)
 
-    s_pair = sample_pair_sigmas(draws, shift)
+    if inv.source == "cache":  # a cached level per pair, the same for both images
+        which = draws.randint(len(models.cache_levels))
+        s_pair = torch.tensor(models.cache_levels, dtype=torch.float64)[which] / n_train
+    else:
+        s_pair = sample_pair_sigmas(draws, shift)
     if method == "sft":  # winners only, random noise
         x0_w = x0[:P]
         eps = draws.randn(tuple(x0_w.shape[1:])).to(device)
@@ -108,6 +125,9 @@ def flow_micro_batch_loss(
     calls = 0
     if inv.source == "online":
         x_s, target, calls = _invert(models, x0, cond, s, shift, n_train)
+    elif inv.source == "cache":
+        x_s = both("inverted")[torch.arange(2 * P), which.repeat(2)].to(device).float()
+        target = fl.implied_velocity(x_s, x0, s)
     else:  # one noise per pair, shared by winner and loser
         eps = draws.randn(tuple(x0.shape[1:])).to(device).repeat(2, 1, 1, 1)
         x_s = fl.flow_matching_noisy(x0, eps, s)

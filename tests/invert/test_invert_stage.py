@@ -199,9 +199,4 @@ def test_missing_prompt_column_is_one_line(tmp_path, capsys):
     assert "no prompt column" in capsys.readouterr().err
 
 
-def test_flow_models_are_refused_in_one_line(image_folder, tmp_path, capsys):
-    """smpo invert (and its caches) serve SD1.5/SDXL; a flow model says so instead of failing deep inside."""
-    code = run(["-q", "invert", "--data", str(image_folder), "--model", "tiny-sd3", "-o", str(tmp_path / "o"),
-                "data.resolution=32", "data.num_workers=0", "inversion.num_steps=3"])  # fmt: skip
-    err = capsys.readouterr().err
-    assert code == 2 and "flow-matching model (sd3)" in err and "Traceback" not in err
+# smpo invert on SD3 / FLUX.1: tests/invert/test_flow_invert_stage.py

@@ -6,6 +6,7 @@ transformer's attention projections (reference = adapters off) and full fine-tun
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -155,8 +156,67 @@ def test_resume_continues_exactly(scored, tmp_path, model):
     assert [r["loss"] for r in rows(tmp_path / "straight")] == [r["loss"] for r in rows(tmp_path / "stopped")]
 
 
-@pytest.mark.parametrize("setting", ["inversion.source=cache", "inversion.timestep_mode=grid"])
+@pytest.mark.parametrize("setting", ["inversion.source=plan", "inversion.timestep_mode=grid"])
 def test_unsupported_flow_settings_are_refused(scored, tmp_path, setting):
-    extra = [setting, "inversion.cache_path=nowhere"] if "cache" in setting else [setting]
+    extra = [setting, "inversion.cache_path=nowhere"] if "plan" in setting else [setting]
     with pytest.raises(SmpoError, match="online|exact"):
         train("tiny-sd3", scored, tmp_path / "x", "train.max_steps=1", "model.family=sd3", *extra, *LORA)
+
+
+def invert_cache(model: str, scored: Path, out: Path, levels: list[int], *extra: str):
+    from smpo_cli.inversion.runner import resume_ok, run_inversion
+
+    loaded = load_recipe(None, "invert", [f"data.path={scored}", f"output_dir={out}", f"model.pretrained={model}",
+                                          "data.resolution=32", "data.num_workers=0", "inversion.num_steps=5",
+                                          f"inversion.levels={levels}", "inversion.cache_dtype=float32", *extra])  # fmt: skip
+    return execute("invert", loaded, run_inversion, resume=resume_ok)
+
+
+@pytest.mark.parametrize("model", FLOW)
+def test_cache_training_equals_online_training_at_the_cached_levels(scored, tmp_path, monkeypatch, model):
+    """SmPO from the `smpo invert` cache and online SmPO that draws s among the same levels with the same draws:
+    the same losses and the same LoRA after 2 steps (float tolerance), without inversion calls."""
+    import smpo_cli.training.flow_step as flow_step
+
+    levels = [250, 600, 999]
+    cache = tmp_path / "cache"
+    invert_cache(model, scored, cache, levels, "data.latents=mean")
+    same = ["train.max_steps=2", "optim.lr=1e-3", "data.latents=mean", "data.empty_prompt_prob=0", *LORA]
+    from_cache = ["inversion.source=cache", f"inversion.cache_path={cache}"]
+    cached = train(model, scored, tmp_path / "cached", *same, *from_cache)
+    assert cached.steps == 2 and cached.unet_calls_per_step == 2 * 2  # policy + reference, no inversion
+
+    def among_levels(draws, shift):  # the cache's draw: one level index per pair
+        return torch.tensor(levels, dtype=torch.float64)[draws.randint(len(levels))] / 1000
+
+    monkeypatch.setattr(flow_step, "sample_pair_sigmas", among_levels)
+    online = train(model, scored, tmp_path / "online", *same)
+    assert online.unet_calls_per_step > cached.unet_calls_per_step
+    a, b = rows(tmp_path / "cached"), rows(tmp_path / "online")
+    sums = {sum(c) for c in itertools.combinations_with_replacement(levels, 4)}  # 2 micro-batches x 2 pairs
+    assert all(4 * r["mean_t"] in sums for r in a)
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l", "reward_margin", "mean_t"):  # fmt: skip
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+    la, lb = lora_file(tmp_path / "cached"), lora_file(tmp_path / "online")
+    assert la.keys() == lb.keys() and any(la[k].any() for k in la if "lora_B" in k)
+    for k in la:
+        torch.testing.assert_close(la[k], lb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_cache_of_another_model_is_refused_in_one_line(scored, tmp_path):
+    cache = tmp_path / "cache"
+    invert_cache("tiny-sd15", scored, cache, [999])
+    with pytest.raises(SmpoError, match="another model"):
+        train("tiny-sd3", scored, tmp_path / "run", "train.max_steps=1", "inversion.source=cache",
+              f"inversion.cache_path={cache}", *LORA)  # fmt: skip
+
+
+def test_the_plan_cache_refuses_a_flow_model(scored, tmp_path):
+    from smpo_cli.inversion.runner import resume_ok, run_inversion
+
+    loaded = load_recipe(None, "invert", [f"data.path={scored}", f"output_dir={tmp_path / 'plan'}",
+                                          "model.pretrained=tiny-sd3", "plan.train_recipe=tiny_smpo_cpu",
+                                          f"plan.train_overrides=[data.path={scored},model.pretrained=tiny-sd3]"])  # fmt: skip
+    with pytest.raises(SmpoError, match=r"flow-matching model \(sd3\)"):
+        execute("invert", loaded, run_inversion, resume=resume_ok)
