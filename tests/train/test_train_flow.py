@@ -220,3 +220,37 @@ def test_the_plan_cache_refuses_a_flow_model(scored, tmp_path):
                                           f"plan.train_overrides=[data.path={scored},model.pretrained=tiny-sd3]"])  # fmt: skip
     with pytest.raises(SmpoError, match=r"flow-matching model \(sd3\)"):
         execute("invert", loaded, run_inversion, resume=resume_ok)
+
+
+def test_two_processes_train_the_same_lora_as_one(scored, tmp_path):
+    """DDP on a flow model: 2 processes (torchrun, gloo) and 1 process with the same 8 pairs per step end with
+    the same LoRA (split-independent draws; only the gradient summation order differs)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from smpo_cli.models.tiny import materialize_tiny
+
+    materialize_tiny("tiny-sd3")  # once, before the processes start
+    args = ["train", "--recipe", "tiny_smpo_cpu", f"data.path={scored}", "model.pretrained=tiny-sd3", *LORA,
+            "train.max_steps=2", "train.global_batch_size=8", "train.batch_size=2"]  # fmt: skip
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "smpo_cli", "-q",
+                           *args, "-o", str(tmp_path / "two"), "--json"], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["ranks_in_sync"]
+    from smpo_cli.cli.main import run
+
+    assert run(["-q", *args, "-o", str(tmp_path / "one")]) == 0
+    a, b = lora_file(tmp_path / "two"), lora_file(tmp_path / "one")
+    moved = sum(float(b[k].double().pow(2).sum()) for k in b if "lora_B" in k) ** 0.5  # lora_B starts at 0
+    apart = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in b) ** 0.5
+    assert moved > 0 and apart < 0.01 * moved, (moved, apart)
+    assert [r["loss"] for r in rows(tmp_path / "two")] == pytest.approx([r["loss"] for r in rows(tmp_path / "one")], abs=1e-4)
