@@ -418,9 +418,9 @@ def test_an_unreachable_hub_fails_at_once_not_after_retries(monkeypatch):
     import time
 
     from smpo_cli.errors import AssetNotFoundError
-    from smpo_cli.models import loading
+    from smpo_cli.models import hub, loading
 
-    monkeypatch.setattr(loading, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)  # what hub._hub_download calls
     monkeypatch.setattr(loading, "_offline", lambda local_files_only: False)  # downloads allowed (the tests set HF_HUB_OFFLINE)
     started = time.monotonic()
     with pytest.raises(AssetNotFoundError, match="the Hub cannot be reached"):
