@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from smpo_cli.errors import AssetNotFoundError
 from smpo_cli.utils.atomic import atomic_path
 from smpo_cli.utils.logging import get_logger
 from smpo_cli.utils.paths import cache_dir
@@ -496,8 +497,6 @@ def _family_of(name: str) -> str:
     try:
         return TINY_FAMILIES[name]
     except KeyError:
-        from smpo_cli.errors import AssetNotFoundError
-
         raise AssetNotFoundError(
             f"unknown tiny model {name!r}", hint=f"choose one of {', '.join(ALL_TINY_MODELS)}"
         ) from None
@@ -554,6 +553,13 @@ def materialize_tiny(name: str, *, force: bool = False) -> Path:
     if not force and is_materialized(dest):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if _distributed_rank() not in (None, 0):
+        # transformers' save_pretrained writes nothing on a torch.distributed rank other than 0, which left
+        # the text encoder's folder empty when rank 1 got the lock first: build in a plain child process
+        _materialize_in_child(name, force)
+        if not is_materialized(dest):
+            raise AssetNotFoundError(f"{name}: building it in a child process left {dest} incomplete")
+        return dest
     with FileLock(str(dest.parent / f".{dest.name}.lock")):
         if not force and is_materialized(dest):
             return dest
@@ -564,6 +570,9 @@ def materialize_tiny(name: str, *, force: bool = False) -> Path:
         pipe = build_tiny_pipeline(name)
         with atomic_path(dest) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
+            empty = sorted(d.name for d in tmp.iterdir() if d.is_dir() and not any(d.iterdir()))
+            if empty:  # never mark a pipeline complete that a library declined to write
+                raise AssetNotFoundError(f"{name}: saving wrote nothing into {', '.join(empty)}")
             marker = {
                 "name": name,
                 "builder_version": BUILDER_VERSION,
@@ -577,6 +586,26 @@ def materialize_tiny(name: str, *, force: bool = False) -> Path:
             (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         logger.info("materialised %s (builder v%d) at %s", name, BUILDER_VERSION, dest)
     return dest
+
+
+def _distributed_rank() -> int | None:
+    """This process's torch.distributed rank, or None outside a process group."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+
+
+def _materialize_in_child(name: str, force: bool) -> None:
+    """``python -m smpo_cli.models.tiny --materialize NAME`` without the launcher's process-group variables."""
+    import subprocess
+
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID", "ACCELERATE_PROCESS_ID")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    cmd = [sys.executable, "-m", "smpo_cli.models.tiny", "--materialize", name, *(["--force"] if force else [])]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise AssetNotFoundError(f"{name}: building it failed: {done.stderr.strip().splitlines()[-1:]}")
 
 
 # --------------------------------------------------------------------------------------------
