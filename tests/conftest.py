@@ -86,3 +86,19 @@ def smpo_cache():
     from pathlib import Path
 
     return Path(os.environ["SMPO_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def scored(tmp_path_factory):
+    """16 toy pairs scored with the embedded tiny PickScore-architecture model (read-only; shared by the
+    training, FSDP, flow and plan-cache tests)."""
+    from smpo_cli.config import load_recipe
+    from smpo_cli.data.toy_pairs import write_toy_pairs
+    from smpo_cli.runs import execute
+    from smpo_cli.scoring.runner import run_scoring
+
+    root = tmp_path_factory.mktemp("toy")
+    pairs = write_toy_pairs(root / "pairs", n=16)
+    execute("score", load_recipe("tiny_score_cpu", "score", [f"data.path={pairs}", f"output_dir={root / 'scored'}"]),
+            run_scoring)  # fmt: skip
+    return root / "scored"

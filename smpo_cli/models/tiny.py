@@ -246,7 +246,7 @@ def _scheduler_kwargs() -> dict[str, Any]:
     }
 
 
-def _vae(scaling_factor: float, force_upcast: bool):
+def _vae(scaling_factor: float, force_upcast: bool = True, latent_channels: int = 4, **flow: Any):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -256,33 +256,19 @@ def _vae(scaling_factor: float, force_upcast: bool):
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(32, 64),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=32,
         sample_size=64,
         scaling_factor=scaling_factor,
         force_upcast=force_upcast,
+        **flow,
     )
 
 
 def _flow_vae(scaling_factor: float, shift_factor: float):
     """A 2-level VAE with 16 latent channels and no quant convs, as SD3 and FLUX.1 ship."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=64,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-    )
+    return _vae(scaling_factor, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                shift_factor=shift_factor)  # fmt: skip
 
 
 def _t5_encoder_config(vocab_size: int, d_model: int):

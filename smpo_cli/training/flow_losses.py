@@ -188,72 +188,9 @@ def sigmas_to_timesteps(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -
 # --------------------------------------------------------------------------------------------
 
 
-def flow_diffusion_dpo_loss(
-    model_pred_w: torch.Tensor,
-    model_pred_l: torch.Tensor,
-    ref_pred_w: torch.Tensor,
-    ref_pred_l: torch.Tensor,
-    target_w: torch.Tensor,
-    target_l: torch.Tensor,
-    *,
-    beta: float,
-) -> PreferenceLossOutput:
-    """Diffusion-DPO on velocity predictions: targets are v = eps - x0 (shared eps of the pair), or each
-    image's :func:`implied_velocity` with inversion. Same math and outputs as
-    :func:`smpo_cli.training.losses.diffusion_dpo_loss`."""
-    return diffusion_dpo_loss(
-        model_pred_w, model_pred_l, ref_pred_w, ref_pred_l, target_w, target_l, beta=beta
-    )
-
-
-def flow_smpo_loss(
-    model_pred_w: torch.Tensor,
-    model_pred_l: torch.Tensor,
-    ref_pred_w: torch.Tensor,
-    ref_pred_l: torch.Tensor,
-    target_w: torch.Tensor,
-    target_l: torch.Tensor,
-    *,
-    beta: float,
-    gamma: float,
-    p: torch.Tensor,
-) -> PreferenceLossOutput:
-    """SmPO on velocity predictions: coef_i = beta * gamma * (2 p_i - 1); p_i = 0.5 gives L_i = log 2 and a
-    zero gradient. Same math and outputs as :func:`smpo_cli.training.losses.smpo_loss`."""
-    return smpo_loss(
-        model_pred_w, model_pred_l, ref_pred_w, ref_pred_l, target_w, target_l, beta=beta, gamma=gamma, p=p
-    )
-
-
-def flow_sft_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SFT on the preferred images: mean_b mse(v_model(x_s)[b], v[b]), a float32 scalar (SD3's loss with
-    the ``logit_normal`` density and no extra weighting)."""
-    return sft_loss(model_pred, target)
-
-
-def flow_preference_loss(
-    method: str,
-    model_pred_w: torch.Tensor,
-    model_pred_l: torch.Tensor,
-    ref_pred_w: torch.Tensor,
-    ref_pred_l: torch.Tensor,
-    target_w: torch.Tensor,
-    target_l: torch.Tensor,
-    *,
-    beta: float,
-    gamma: float | None = None,
-    p: torch.Tensor | None = None,
-) -> PreferenceLossOutput:
-    """Dispatch "smpo" / "dpo" on velocity predictions, as :func:`smpo_cli.training.losses.preference_loss`."""
-    return preference_loss(
-        method,
-        model_pred_w,
-        model_pred_l,
-        ref_pred_w,
-        ref_pred_l,
-        target_w,
-        target_l,
-        beta=beta,
-        gamma=gamma,
-        p=p,
-    )
+# The preference losses are the epsilon ones applied to velocity predictions and targets (v = eps - x0, or an
+# inverted image's implied velocity): the same functions under the flow names.
+flow_diffusion_dpo_loss = diffusion_dpo_loss
+flow_smpo_loss = smpo_loss
+flow_sft_loss = sft_loss
+flow_preference_loss = preference_loss

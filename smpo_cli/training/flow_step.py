@@ -78,6 +78,7 @@ def flow_micro_batch_loss(
     from smpo_cli.models import vae as vae_ops
     from smpo_cli.models.conditioning import encode_prompts
     from smpo_cli.training import flow_losses as fl
+    from smpo_cli.training import losses
 
     r = models.recipe
     method, inv = r.method.name, r.inversion
@@ -118,7 +119,7 @@ def flow_micro_batch_loss(
         x_s = fl.flow_matching_noisy(x0_w, eps, s)
         with models.autocast():
             pred = forward(models.unet, x_s, s, cond.index(slice(0, P)))
-        loss = fl.flow_sft_loss(pred, fl.flow_matching_target(x0_w, eps))
+        loss = losses.sft_loss(pred, fl.flow_matching_target(x0_w, eps))
         return loss, {"loss": float(loss.detach()), "model_mse_w": float(loss.detach()),
                       "mean_t": float(s_pair.mean()) * n_train, "unet_calls": 1}  # fmt: skip
     s = s_pair.float().repeat(2).to(device)
@@ -141,9 +142,9 @@ def flow_micro_batch_loss(
     p = batch["p"].to(device)
     args = (pred[:P], pred[P:], ref_pred[:P], ref_pred[P:], target[:P], target[P:])
     if method == "smpo":
-        out = fl.flow_smpo_loss(*args, beta=r.method.beta, gamma=r.method.gamma, p=p)
+        out = losses.smpo_loss(*args, beta=r.method.beta, gamma=r.method.gamma, p=p)
     else:
-        out = fl.flow_diffusion_dpo_loss(*args, beta=r.method.beta)
+        out = losses.diffusion_dpo_loss(*args, beta=r.method.beta)
     metrics = {
         "loss": float(out.loss.detach()),
         "model_mse_w": float(out.model_mse_w.mean()), "model_mse_l": float(out.model_mse_l.mean()),

@@ -21,19 +21,6 @@ pytestmark = pytest.mark.integration
 RUN = ["train.max_steps=3", "data.random_flip=true", "inversion.model=reference", "inversion.timestep_mode=exact"]
 
 
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    """16 toy pairs scored with the embedded tiny PickScore-architecture model."""
-    from smpo_cli.data.toy_pairs import write_toy_pairs
-    from smpo_cli.scoring.runner import run_scoring
-
-    root = tmp_path_factory.mktemp("toy")
-    pairs = write_toy_pairs(root / "pairs", n=16)
-    execute("score", load_recipe("tiny_score_cpu", "score", [f"data.path={pairs}", f"output_dir={root / 'scored'}"]),
-            run_scoring)  # fmt: skip
-    return root / "scored"
-
-
 def train(scored: Path, out: Path, *extra: str):
     loaded = load_recipe("tiny_smpo_cpu", "train", [f"data.path={scored}", f"output_dir={out}", *RUN, *extra])
     return execute("train", loaded, run_training, resume=lambda r: r.train.resume is not None)

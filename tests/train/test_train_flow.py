@@ -28,19 +28,6 @@ FLOW = ["tiny-sd3", "tiny-flux"]
 LORA = ("train.lora_rank=4",)
 
 
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    """16 toy pairs scored with the embedded tiny PickScore-architecture model (as tests/train/test_train_stage.py)."""
-    from smpo_cli.data.toy_pairs import write_toy_pairs
-    from smpo_cli.scoring.runner import run_scoring
-
-    root = tmp_path_factory.mktemp("toy")
-    pairs = write_toy_pairs(root / "pairs", n=16)
-    execute("score", load_recipe("tiny_score_cpu", "score", [f"data.path={pairs}", f"output_dir={root / 'scored'}"]),
-            run_scoring)  # fmt: skip
-    return root / "scored"
-
-
 def train(model: str, scored: Path, out: Path, *extra: str, recipe: str = "tiny_smpo_cpu"):
     loaded = load_recipe(
         recipe, "train", [f"data.path={scored}", f"output_dir={out}", f"model.pretrained={model}", *extra]

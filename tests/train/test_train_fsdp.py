@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.test_train_stage import ROOT, base_unet_state, scored, unet_state  # noqa: F401  (fixture)
+from tests.train.test_train_stage import ROOT, base_unet_state, unet_state
 
 pytestmark = pytest.mark.integration
 ARGS = ["--recipe", "tiny_dpo_cpu", "train.max_steps=6", "train.checkpoint_every_steps=2", "train.keep_checkpoints=6"]
@@ -43,7 +43,7 @@ def distance(a: dict, b: dict) -> float:
     return sum(float((a[k] - b[k]).double().pow(2).sum()) for k in b) ** 0.5
 
 
-def test_fsdp_shards_trains_like_ddp_and_resumes_after_sigkill(scored, tmp_path):  # noqa: F811
+def test_fsdp_shards_trains_like_ddp_and_resumes_after_sigkill(scored, tmp_path):
     from smpo_cli.models.tiny import materialize_tiny
 
     materialize_tiny("tiny-sd15")  # once, before the processes start
@@ -100,7 +100,7 @@ def test_optimizer_state_reindexes_between_sharded_and_plain_runs():
         torch.testing.assert_close(fresh.state_dict()["state"][i]["exp_avg"], opt.state_dict()["state"][i]["exp_avg"])
 
 
-def test_fsdp_refuses_lora(scored, tmp_path, capsys):  # noqa: F811
+def test_fsdp_refuses_lora(scored, tmp_path, capsys):
     from smpo_cli.cli.main import run
 
     code = run(["-q", "train", "--recipe", "tiny_dpo_cpu", f"data.path={scored}", "-o", str(tmp_path / "o"),
