@@ -28,14 +28,24 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes_controls import generate, judged, smpo, write_captions  # noqa: E402
+from shapes_controls import balanced_eval, eval_groups_of, generate, judged, smpo, write_captions  # noqa: E402
 
 BASE = "shapes-sd15-miscaptioned-clip"  # partners stay apart in its frozen text encoder (README)
-ARMS = {  # name: (method, data.reward, binary labels, beta): the paper's SD1.5 temperatures (SmPO gamma 10)
-    "smpo": ("smpo", "pickscore", False, 2000.0),
-    "smpo_binary": ("smpo", "pickscore", True, 2000.0),
-    "dpo": ("dpo", "votes", False, 5000.0),
+ARMS = {  # name: (method, data.reward, binary labels, beta, ReNoise cache): the paper's SD1.5 temperatures (SmPO gamma 10)
+    "smpo_inv": ("smpo", "pickscore", False, 2000.0, True),
+    "smpo": ("smpo", "pickscore", False, 2000.0, False),
+    "smpo_binary": ("smpo", "pickscore", True, 2000.0, False),
+    "dpo": ("dpo", "votes", False, 5000.0, False),
 }
+COMPARISONS = (("smpo_inv", "dpo"), ("smpo", "dpo"), ("smpo_inv", "smpo"), ("smpo", "smpo_binary"))
+
+
+def invert_pairs(base: str, out: Path) -> None:
+    """The ReNoise inversion cache of every pair image on a 10-level grid (the paper's SDXL grid), as `smpo invert`
+    builds it for a real run; a finished cache is resumed, not rebuilt."""
+    smpo("invert", "--recipe", "renoise_sdxl_cache", "-o", str(out / "cache"), f"model.pretrained={base}", "~model.vae",
+         "model.dtype=float32", "device=cpu", f"data.path={out / 'pairs'}", "data.resolution=32", "data.num_workers=0",
+         "inversion.batch_size=64", "logging.progress=false")  # fmt: skip
 
 
 def add_votes(pairs_dir: Path, seed: int) -> dict:
@@ -80,11 +90,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400, help="optimiser steps per arm")
     ap.add_argument("--captions", type=int, default=768, help="training captions sampled for pairs")
     ap.add_argument("--images", type=int, default=4, help="samples per caption (best vs worst)")
-    ap.add_argument("--eval-captions", type=int, default=384, help="evaluation captions (x 4 images)")
+    ap.add_argument("--pairs-guidance", type=float, default=2.0,
+                    help="guidance of the pair samples (the controls: samples at the evaluation's guidance 4 teach the "
+                         "guided distribution as the conditional one)")
+    ap.add_argument("--arms", default="smpo,smpo_binary,dpo", help=f"comma-separated subset of {','.join(ARMS)}")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (the pairs and the evaluation stay the same)")
+    ap.add_argument("--workers", type=int, default=2, help="arms trained at a time (one thread each)")
+    ap.add_argument("--eval", choices=("balanced", "legacy"), default="balanced",
+                    help="balanced: GenEval's mean over skills, 256 images each; legacy: image mean, captions x 4")
+    ap.add_argument("--eval-captions", type=int, default=384, help="legacy evaluation captions (x 4 images)")
     args = ap.parse_args()
-    from smpo_cli.benchmark.metrics import paired_bootstrap
+    from smpo_cli.benchmark.metrics import paired_bootstrap, paired_bootstrap_task_mean
     from smpo_cli.shapes.world import sample_captions, split_captions
 
+    arms = tuple(a for a in args.arms.split(",") if a)
+    if unknown := sorted(set(arms) - set(ARMS)):
+        raise SystemExit(f"--arms: unknown arm(s) {unknown}; choose from {','.join(ARMS)}")
     q = args.quick
     n_caps, eval_n, steps = (16, 24, 3) if q else (args.captions, args.eval_captions, args.steps)
     out = args.output_dir.resolve()  # the pairs files name images by absolute path
@@ -93,61 +114,94 @@ def main() -> None:
     train, _ = split_captions(0)
     rng = np.random.default_rng(21)
     pool = write_captions(out / "pool.txt", sample_captions(rng, n_caps, pool=train))
-    evals = sample_captions(np.random.default_rng(22), eval_n, pool=[c for c in train if c.geneval_form])
-    eval_file = write_captions(out / "eval.txt", evals)
+    geneval = [c for c in train if c.geneval_form]
+    if args.eval == "balanced":
+        evals, per_eval = balanced_eval(geneval, 8 if q else 256, 4 if q else 64), 1
+        groups, eval_name = eval_groups_of(evals, geneval), "eval_balanced"
+    else:
+        evals, per_eval, eval_name = sample_captions(np.random.default_rng(22), eval_n, pool=geneval), 4, "eval"
+        groups = np.repeat(np.arange(len(evals)), 4)
+    eval_file = write_captions(out / f"{eval_name}.txt", evals)
+
+    pairs_key = {"base": args.base, "captions": n_caps, "images": args.images, "guidance": args.pairs_guidance}
+    stats_file = out / "pairs_stats.json"  # the pairs of a finished run are reused by other seeds and arms
 
     def make_pairs() -> None:
+        if stats_file.is_file() and json.loads(stats_file.read_text())["key"] == pairs_key:
+            return
         smpo("pairs", "--recipe", "pairs_tiny_cpu", "-o", str(out / "pairs"), "--overwrite", f"model.pretrained={args.base}",
              f"prompts.path={pool}", "~prompts.limit", f"sampling.images_per_prompt={args.images}",
-             "sampling.batch_size=64", "logging.progress=false")  # fmt: skip
+             f"sampling.guidance_scale={args.pairs_guidance}", "sampling.batch_size=64", "logging.progress=false")  # fmt: skip
+        stats_file.write_text(json.dumps({"key": pairs_key, "stats": add_votes(out / "pairs", seed=21)}))
 
     with ThreadPoolExecutor(2) as ex:
-        jobs = [ex.submit(make_pairs), ex.submit(generate, args.base, eval_file, out / "eval_base", 4, 1000, 4.0)]
+        jobs = [ex.submit(make_pairs), ex.submit(generate, args.base, eval_file, out / f"{eval_name}_base", per_eval, 1000, 4.0)]
         [j.result() for j in jobs]
-    pair_stats = add_votes(out / "pairs", seed=21)
+    pair_stats = json.loads(stats_file.read_text())["stats"]
     summary = json.loads((out / "pairs" / "summary.json").read_text())["summary"]["pickscore"]
+    if any(ARMS[a][4] for a in arms):
+        invert_pairs(args.base, out)
+
+    def arm_dir(arm: str) -> Path:
+        return out / (arm if args.seed == 0 else f"{arm}-s{args.seed}")
 
     def run_arm(arm: str) -> None:
-        method, reward, binary, beta = ARMS[arm]
-        smpo("train", "--recipe", "tiny_dpo_cpu", "-o", str(out / arm / "train"), "--overwrite",
-             f"model.pretrained={args.base}", f"data.path={out / 'pairs'}", f"method.name={method}",
-             f"method.binary_labels={str(binary).lower()}", f"method.beta={beta}", f"data.reward={reward}",
-             "data.labels=reward",  # the winner column named by data.reward (votes for DPO: the human label)
-             "train.grad_accum_steps=1", "train.checkpoint_every_steps=null", "optim.weight_decay=0.0",
-             "data.resolution=32", "data.num_workers=0", "data.empty_prompt_prob=0.1", "model.dtype=float32",
-             "device=cpu", "inversion.source=none", f"optim.lr={args.lr}", "optim.scale_lr=false",
-             "optim.lr_scheduler=constant_with_warmup", f"optim.warmup_steps={max(1, steps // 8)}",
-             "train.batch_size=16", f"train.max_steps={steps}", "logging.progress=false")  # fmt: skip
-        generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / "eval", 4, 1000, 4.0, overwrite=True)
+        method, reward, binary, beta, inverted = ARMS[arm]
+        folder = arm_dir(arm)
+        marker = folder / "done.json"  # a rerun with the same settings keeps a finished arm's model
+        settings = {"pairs": pairs_key, "lr": args.lr, "steps": steps, "seed": args.seed}
+        if not (marker.is_file() and json.loads(marker.read_text()) == settings):
+            inversion = ["inversion.source=cache", f"inversion.cache_path={out / 'cache'}"] if inverted else ["inversion.source=none"]
+            smpo("train", "--recipe", "tiny_dpo_cpu", "-o", str(folder / "train"), "--overwrite",
+                 f"model.pretrained={args.base}", f"data.path={out / 'pairs'}", f"method.name={method}",
+                 f"method.binary_labels={str(binary).lower()}", f"method.beta={beta}", f"data.reward={reward}",
+                 "data.labels=reward",  # the winner column named by data.reward (votes for DPO: the human label)
+                 "train.grad_accum_steps=1", "train.checkpoint_every_steps=null", "optim.weight_decay=0.0",
+                 "data.resolution=32", "data.num_workers=0", "data.empty_prompt_prob=0.1", "model.dtype=float32",
+                 "device=cpu", *inversion, f"optim.lr={args.lr}", "optim.scale_lr=false", f"seed={args.seed}",
+                 "optim.lr_scheduler=constant_with_warmup", f"optim.warmup_steps={max(1, steps // 8)}",
+                 "train.batch_size=16", f"train.max_steps={steps}", "logging.progress=false")  # fmt: skip
+            generate(str(folder / "train" / "pipeline"), eval_file, folder / eval_name, per_eval, 1000, 4.0, overwrite=True)
+            marker.write_text(json.dumps(settings))
 
-    with ThreadPoolExecutor(2) as ex:
-        list(ex.map(run_arm, ARMS))
+    with ThreadPoolExecutor(args.workers) as ex:
+        list(ex.map(run_arm, arms))
 
-    groups = np.repeat(np.arange(len(evals)), 4)
-    skills = np.array([c.skill for c in evals for _ in range(4)])
-    base_ok = np.array([v.correct for v in judged(out / "eval_base", evals, 4)], dtype=float)
-    oks = {arm: np.array([v.correct for v in judged(out / arm / "eval", evals, 4)], dtype=float) for arm in ARMS}
-    result = {"base": args.base, "eval_images": int(base_ok.size), "steps": steps, "batch_pairs": 16, "lr": args.lr,
-              "betas": {a: v[3] for a, v in ARMS.items()}, "pairs": pair_stats, "pair_summary": summary, "base_accuracy": float(base_ok.mean()),
+    skills = np.array([c.skill for c in evals for _ in range(per_eval)])
+    base_ok = np.array([v.correct for v in judged(out / f"{eval_name}_base", evals, per_eval)], dtype=float)
+    oks = {arm: np.array([v.correct for v in judged(arm_dir(arm) / eval_name, evals, per_eval)], dtype=float) for arm in arms}
+
+    def diff(a: np.ndarray, b: np.ndarray) -> dict:
+        if args.eval == "balanced":
+            return paired_bootstrap_task_mean(a, b, skills, groups)
+        return paired_bootstrap(a, b, groups)
+
+    def score(ok: np.ndarray) -> float:
+        return float(np.mean([ok[skills == s].mean() for s in sorted(set(skills))])) if args.eval == "balanced" else float(ok.mean())
+
+    result = {"base": args.base, "eval": args.eval, "eval_images": int(base_ok.size), "steps": steps, "batch_pairs": 16,
+              "lr": args.lr, "seed": args.seed, "pairs_guidance": args.pairs_guidance,
+              "betas": {a: ARMS[a][3] for a in arms}, "pairs": pair_stats, "pair_summary": summary, "base_accuracy": score(base_ok),
               "base_skills": {s: float(base_ok[skills == s].mean()) for s in sorted(set(skills))}, "arms": {}}  # fmt: skip
     for arm, ok in oks.items():
-        result["arms"][arm] = {"accuracy": float(ok.mean()), "change": paired_bootstrap(ok, base_ok, groups),
+        result["arms"][arm] = {"accuracy": score(ok), "change": diff(ok, base_ok),
                                "skills": {s: float(ok[skills == s].mean()) for s in sorted(set(skills))}}  # fmt: skip
-    result["smpo_minus_dpo"] = paired_bootstrap(oks["smpo"], oks["dpo"], groups)
-    result["smpo_minus_smpo_binary"] = paired_bootstrap(oks["smpo"], oks["smpo_binary"], groups)
+    result["comparisons"] = {f"{a} - {b}": diff(oks[a], oks[b]) for a, b in COMPARISONS if a in oks and b in oks}
     result["seconds"] = round(time.perf_counter() - started, 1)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "results.json" if args.seed == 0 else f"results-s{args.seed}.json"
+    (out / name).write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result))
         return
     ci = lambda d: f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"  # noqa: E731
-    print(f"{args.base}: base {result['base_accuracy']:.1%} on {result['eval_images']} images; {pair_stats['pairs']} pairs "
-          f"(judge ties {pair_stats['judge_ties']:.0%}; reward agrees with the population {pair_stats['reward_agrees_with_population']:.0%}, "
-          f"votes {pair_stats['votes_agree_with_population']:.0%}); {steps} steps x 16 pairs, lr {args.lr:g}; "
-          f"{result['seconds']:.0f} s")  # fmt: skip
+    print(f"{args.base}: base {result['base_accuracy']:.1%} on {result['eval_images']} images ({args.eval}); {pair_stats['pairs']} pairs "
+          f"at guidance {args.pairs_guidance:g} (judge ties {pair_stats['judge_ties']:.0%}; reward agrees with the population "
+          f"{pair_stats['reward_agrees_with_population']:.0%}, votes {pair_stats['votes_agree_with_population']:.0%}); "
+          f"{steps} steps x 16 pairs, lr {args.lr:g}, seed {args.seed}; {result['seconds']:.0f} s")  # fmt: skip
     for arm, r in result["arms"].items():
-        print(f"{arm:12} {r['accuracy']:>7.1%}  change {ci(r['change'])}")
-    print(f"SmPO - DPO {ci(result['smpo_minus_dpo'])};  SmPO - SmPO binary {ci(result['smpo_minus_smpo_binary'])}")
+        print(f"{arm:12} {r['accuracy']:>7.1%}  change {ci(r['change'])}  " + "  ".join(f"{s} {v:.1%}" for s, v in r["skills"].items()))
+    for pair, d in result["comparisons"].items():
+        print(f"{pair:24} {ci(d)}")
 
 
 if __name__ == "__main__":

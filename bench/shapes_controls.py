@@ -125,6 +125,8 @@ def main() -> None:
                     help="balanced: GenEval's mean over skills, 256 images each; legacy: image mean, 192 captions x 4")
     ap.add_argument("--rs-balance", action="store_true",
                     help="repeat the rare skills' correct samples (at most 8x) so that every skill counts alike")
+    ap.add_argument("--pool-captions", type=int, default=512, help="training captions sampled for the rejection-sampling pool")
+    ap.add_argument("--pool-images", type=int, default=8, help="samples per pool caption (best-of-N: the judge keeps the correct ones)")
     ap.add_argument("--skills", default=None,
                     help="the pool's skill weights, e.g. colors=0.5,counting=0.25,color_attr=0.25 (overrides the default)")
     args = ap.parse_args()
@@ -134,7 +136,7 @@ def main() -> None:
     from smpo_cli.shapes.world import make_dataset, sample_captions, split_captions
 
     q = args.quick
-    pool_captions, per_pool, eval_n, steps = (16, 4, 24, 4) if q else (512, 8, 192, args.steps)
+    pool_captions, per_pool, eval_n, steps = (16, 4, 24, 4) if q else (args.pool_captions, args.pool_images, 192, args.steps)
     arms = tuple(a for a in args.arms.split(",") if a)
     if unknown := sorted(set(arms) - set(ARMS)):
         raise SystemExit(f"--arms: unknown arm(s) {unknown}; choose from {ARMS}")

@@ -22,9 +22,31 @@ def debug_enabled() -> bool:
 def setup_logging(level: int) -> None:
     from smpo_cli.utils.logging import configure
 
+    _keep_library_logs_off_stdout("DeepSpeed")
+
     handler = RichHandler(console=err, show_time=False, show_path=False, markup=False, rich_tracebacks=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
     configure(level, handler)
+
+
+def _keep_library_logs_off_stdout(name: str) -> None:
+    """DeepSpeed's logger writes to stdout (imported by accelerate whenever DeepSpeed is installed): its handler
+    is moved to stderr as it is added, so stdout keeps only results (JSON, tables) without importing DeepSpeed."""
+    logger = logging.getLogger(name)
+    if getattr(logger, "_smpo_stderr", False):
+        return
+    add = logger.addHandler
+
+    def add_on_stderr(handler: logging.Handler) -> None:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+            handler.setStream(sys.stderr)
+        add(handler)
+
+    logger.addHandler = add_on_stderr  # type: ignore[method-assign]
+    logger._smpo_stderr = True  # type: ignore[attr-defined]
+    for handler in logger.handlers:  # already imported
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+            handler.setStream(sys.stderr)
 
 
 def print_error(message: str, hint: str | None = None, *, debug_tip: bool = True) -> None:

@@ -7,6 +7,8 @@ run.json, call the core ``run_<stage>(recipe)``, record the exit status in run.j
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +54,10 @@ def run_stage(
     from smpo_cli.runs import execute
     from smpo_cli.utils.distributed import is_main_process
 
-    result = execute(stage, loaded, core, overwrite=overwrite, resume=resume)
+    # stdout holds results only; what a library prints while the stage runs (DeepSpeed logs to stdout) goes to
+    # stderr, and so does a logging handler a library creates meanwhile on sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        result = execute(stage, loaded, core, overwrite=overwrite, resume=resume)
     return result if is_main_process() else None  # under accelerate the main process reports
 
 

@@ -32,7 +32,7 @@ AccelerateConfigOpt = Annotated[
     Path | None,
     typer.Option(
         "--accelerate-config", metavar="PATH", show_default=False,
-        help="accelerate config file the memory plan reads the process count and sharding from (DDP or FSDP); default "
+        help="accelerate config file the memory plan reads the process count and sharding from (DDP, FSDP or DeepSpeed ZeRO); default "
         "$ACCELERATE_CONFIG_FILE, else one process.",
         rich_help_panel="Run control",
     ),

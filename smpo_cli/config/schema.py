@@ -197,11 +197,12 @@ class TrainLoopSpec(Block):
         "(batch_size x processes must divide it). null: batch_size x grad_accum_steps x processes.",
     )
     max_steps: PositiveInt = Field(description="Optimiser steps.")
-    sharding: Literal["none", "fsdp"] = Field(
+    sharding: Literal["none", "fsdp", "zero2", "zero3"] = Field(
         "none",
         description="none: DDP (every process holds the whole UNet); fsdp: FSDP2 (torch fully_shard) splits the "
-        "trained UNet, its gradients and optimiser state, and the frozen reference across the processes "
-        "(full fine-tuning).",
+        "trained UNet, its gradients and optimiser state, and the frozen reference across the processes; zero2: "
+        "DeepSpeed ZeRO-2 splits the gradients and optimiser state; zero3: DeepSpeed ZeRO-3 also splits the UNet "
+        "and the reference (full fine-tuning; zero2/zero3 need DeepSpeed installed).",
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (SDXL).")

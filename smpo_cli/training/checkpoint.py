@@ -54,7 +54,7 @@ def save_checkpoint(output_dir, step: int, trainable: dict[str, torch.Tensor], o
 # batch_size and grad_accum_steps may change as long as the pairs per optimiser step stay the same (checked
 # by batching.plan_batches), e.g. to resume on another number of processes.
 RESUME_SAFE = ("output_dir", "device", "train.max_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
-               "train.resume", "train.max_nonfinite_steps", "train.batch_size", "train.grad_accum_steps",
+               "train.resume", "train.max_nonfinite_steps", "train.batch_size", "train.grad_accum_steps", "train.sharding",
                "data.num_workers", "logging.")  # fmt: skip
 
 
@@ -70,8 +70,11 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def resume_settings(recipe) -> dict[str, Any]:
     """The recipe's keys a checkpoint records and a resume must match (everything but ``RESUME_SAFE``)."""
-    flat = _flat(recipe.model_dump(mode="json"))
-    return {k: v for k, v in flat.items() if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE)}
+    return {k: v for k, v in _flat(recipe.model_dump(mode="json")).items() if not _resume_safe(k)}
+
+
+def _resume_safe(key: str) -> bool:
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in RESUME_SAFE)
 
 
 def check_resume_settings(saved: dict[str, Any] | None, recipe, checkpoint: Path) -> None:
@@ -79,6 +82,7 @@ def check_resume_settings(saved: dict[str, Any] | None, recipe, checkpoint: Path
     if saved is None:  # a checkpoint written before smpo recorded its settings
         return
     now = resume_settings(recipe)
+    saved = {k: v for k, v in saved.items() if not _resume_safe(k)}  # keys made resume-safe after it was written
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if changed:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
@@ -86,7 +90,7 @@ def check_resume_settings(saved: dict[str, Any] | None, recipe, checkpoint: Path
         raise UsageError(
             f"train.resume: {checkpoint} was made with other settings: {shown}{more}",
             hint="resume with the settings it was made with (only train.max_steps, checkpointing, logging, "
-            "data.num_workers, device and the batch split (same pairs per step) may change), or start afresh: "
+            "data.num_workers, device, train.sharding and the batch split (same pairs per step) may change), or start afresh: "
             "--overwrite or another output_dir",
         )
 

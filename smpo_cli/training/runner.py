@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from smpo_cli.config.schema import TrainRecipe
 from smpo_cli.errors import DataError, SmpoError, UsageError
+from smpo_cli.training import zero
 from smpo_cli.training.batching import plan_batches
 from smpo_cli.training.checkpoint import (
     check_resume_settings,
@@ -38,6 +40,7 @@ from smpo_cli.training.sharding import (
     shard_unet,
 )
 from smpo_cli.training.step import STEP_METRICS
+from smpo_cli.training.zero import require_deepspeed, zero_stage
 from smpo_cli.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -61,8 +64,9 @@ class TrainResult:
     ranks_in_sync: bool
     trainable_checksum: float
     seconds: float
-    sharding: str = "none"  # fsdp: the UNet was split across the processes
+    sharding: str = "none"  # none (DDP), fsdp, zero2 or zero3: how the UNet was split across the processes
     local_param_fraction: float = 1.0  # the share of the trained parameters the main process held
+    reference_param_fraction: float | None = None  # the same for the frozen reference (None: no reference copy)
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +109,10 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
     r, t = recipe, recipe.train
     out_dir = Path(r.output_dir)
     trackers = [x for x in r.logging.report_to if x != "jsonl"]
+    launched_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if launched_deepspeed:
+        # smpo runs DeepSpeed itself (smpo_cli.training.zero): accelerate only launches and makes the process group
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED")
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=r.device == "cpu",
                               log_with=trackers or None, project_dir=str(out_dir))  # fmt: skip
     device = accelerator.device
@@ -112,7 +120,12 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
     resume_from = resolve_resume(out_dir, t.resume)
     saved_state = json.loads((resume_from / "state.json").read_text()) if resume_from is not None else None
     split = plan_batches(r, world, saved_state)  # before any weight loads: a bad split fails at once
-    sharded = check_sharding(r, world, str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)))
+    kind = "DEEPSPEED" if launched_deepspeed else str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    shard_mode = check_sharding(r, world, kind)
+    sharded = shard_mode == "fsdp"  # torch FSDP2
+    stage = zero_stage(shard_mode)  # DeepSpeed ZeRO 2 / 3, or None
+    if stage is not None:
+        require_deepspeed()  # before any weight loads
     grad_accum, per_step_pairs = split.grad_accum_steps, split.pairs_per_step
     if saved_state and saved_state.get("processes") not in (None, world):
         logger.info("resuming a %s-process checkpoint on %d processes: grad_accum_steps %d keeps %d pairs per step",
@@ -131,8 +144,8 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         from smpo_cli.training.flow_step import check_flow_recipe
 
         check_flow_recipe(r, comps.family)
-        if sharded:
-            raise UsageError(f"train.sharding=fsdp is not available for {comps.family} models yet",
+        if shard_mode != "none":
+            raise UsageError(f"train.sharding={shard_mode} is not available for {comps.family} models yet",
                              hint="use LoRA (train.lora_rank) with train.sharding=none")  # fmt: skip
     unet = comps.denoiser  # the UNet, or the SD3 / FLUX.1 transformer
     ref_unet = None
@@ -175,11 +188,21 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
     params = [p for p in unet.parameters() if p.requires_grad]
     lr = r.optim.lr * per_step_pairs if r.optim.scale_lr else r.optim.lr
     optimizer = _optimizer(r, params, lr)
+    engine = None
+    if stage is not None:  # the engine owns gradients, clipping and the partitioned optimiser state
+        engine = zero.init_engine(unet, optimizer, stage, t.batch_size, grad_accum, r.optim.max_grad_norm, world)
+        if ref_unet is not None:
+            ref_unet = zero.init_reference(ref_unet, stage, t.batch_size, world)
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        optimizer = zero.inner_optimizer(engine)  # the scheduler drives its parameter groups
     scheduler = get_scheduler(r.optim.lr_scheduler, optimizer, num_warmup_steps=r.optim.warmup_steps,
                               num_training_steps=t.max_steps)  # fmt: skip
     start_step, positions_done, skipped_total, nonfinite = 0, 0, 0, 0
     if ck is not None:
-        load_any_optimizer_state(unet, optimizer, ck["optimizer"], sharded)
+        if engine is not None:
+            zero.load_optimizer_state(engine, ck["optimizer"])
+        else:
+            load_any_optimizer_state(unet, optimizer, ck["optimizer"], sharded)
         scheduler.load_state_dict(ck["scheduler"])
         st = ck["state"]
         check_resume_settings(st.get("settings"), r, resume_from)
@@ -188,10 +211,16 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         positions_done = st.get("positions", st.get("micro_batches", 0) * t.batch_size)
         skipped_total, nonfinite = st.get("skipped_pairs", 0), st.get("nonfinite_steps", 0)
         logger.info("resuming from %s (step %d)", resume_from, start_step)
-    if not sharded:  # FSDP2 syncs gradients itself: accelerate must not wrap the UNet (in DDP or its own FSDP)
-        unet, optimizer = accelerator.prepare(unet, optimizer)
-    raw_unet = accelerator.unwrap_model(unet)
-    held = local_fraction(params)
+    if engine is not None:
+        unet, raw_unet, held = engine, engine.module, zero.local_fraction(engine)
+    else:
+        if not sharded:  # FSDP2 syncs gradients itself: accelerate must not wrap the UNet (in DDP or its own FSDP)
+            unet, optimizer = accelerator.prepare(unet, optimizer)
+        raw_unet = accelerator.unwrap_model(unet)
+        held = local_fraction(params)
+    ref_held = None
+    if ref_unet is not None:
+        ref_held = zero.reference_fraction(ref_unet) if engine is not None else local_fraction(list(ref_unet.parameters()))
     schedule = None if comps.is_flow else NoiseSchedule.from_scheduler(comps.scheduler, comps.prediction_type)
     models = StepModels(r, comps, unet, raw_unet, ref_unet, schedule, grid=make_grid(r, schedule) if schedule else [],
                         cache_levels=cache.levels if cache is not None else [], autocast=accelerator.autocast)  # fmt: skip
@@ -234,16 +263,17 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                 readable += batch["size"]
                 reasons += batch.get("skip_reason", [])
                 sync = micro == grad_accum - 1
-                if sharded:
-                    unet.set_requires_gradient_sync(sync)
+                if sharded or engine is not None:
+                    if sharded:
+                        unet.set_requires_gradient_sync(sync)
                     ctx = contextlib.nullcontext()
                 else:
                     ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(unet)
                 with ctx:
                     if batch["size"] == 0:
-                        if sharded:  # FSDP's all-gathers need every process in every forward
+                        if shard_mode != "none":  # FSDP / ZeRO collectives need every process in every forward
                             raise DataError(f"{r.data.path}: a micro-batch of step {step + 1} has no readable pair "
-                                            f"on process {accelerator.process_index}; train.sharding=fsdp needs "
+                                            f"on process {accelerator.process_index}; train.sharding={shard_mode} needs "
                                             "one on every process", hint="remove the unreadable pairs, or use "
                                             "train.sharding=none")  # fmt: skip
                         accelerator.backward(sum(p.sum() for p in params) * 0.0)  # keep DDP's collectives in step
@@ -252,12 +282,18 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                     loss, mets = micro_batch_loss(models, batch, draws, device)
                     if not torch.isfinite(loss):
                         bad = True
-                        # FSDP: the backward runs (its reduce-scatters pair with the forward); the step is skipped
-                        accelerator.backward(loss if sharded else sum(p.sum() for p in params) * 0.0)
+                        # FSDP / ZeRO: the backward runs (its reduce-scatters pair with the forward); the step is skipped
+                        if engine is not None:
+                            engine.backward(loss, scale_wrt_gas=False)
+                        else:
+                            accelerator.backward(loss if sharded else sum(p.sum() for p in params) * 0.0)
                         continue
                     # the sum of the micro-batch's pair losses over the global batch (DDP averages over processes):
                     # the step's gradient is the same however its pairs are split (a skipped pair counts 0)
-                    accelerator.backward(loss * batch["size"] * world / per_step_pairs)
+                    if engine is not None:  # ZeRO averages over processes as DDP does; smpo scales for accumulation
+                        engine.backward(loss * batch["size"] * world / per_step_pairs, scale_wrt_gas=False)
+                    else:
+                        accelerator.backward(loss * batch["size"] * world / per_step_pairs)
                 pairs += batch["size"]
                 calls += mets.pop("unet_calls")
                 for k, v in mets.items():
@@ -272,7 +308,12 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                 )
             bad_any = accelerator.reduce(torch.tensor(float(bad), device=device), reduction="sum").item() > 0
             if bad_any:
-                optimizer.zero_grad(set_to_none=True)
+                if engine is not None:  # the non-finite gradients make ZeRO skip its update and clear them
+                    engine.step()
+                    if zero.step_applied(engine):
+                        raise SmpoError("DeepSpeed applied a step with a non-finite loss", hint="report this with `smpo env`")
+                else:
+                    optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1
                 logger.warning("non-finite loss at step %d: step skipped (%d so far, limit %d)", step + 1, nonfinite,
                                t.max_nonfinite_steps)  # fmt: skip
@@ -284,16 +325,20 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                     )
                 continue
             grad_norm = None
-            if r.optim.max_grad_norm is not None:
+            lr_used = scheduler.get_last_lr()[0]  # the lr of this step (warm-up starts at 0)
+            if engine is not None:  # clips (gradient_clipping), steps and clears the gradients
+                engine.step()
+                grad_norm = zero.grad_norm(engine) if r.optim.max_grad_norm is not None else None
+            elif r.optim.max_grad_norm is not None:
                 if sharded:
                     norm = torch.nn.utils.clip_grad_norm_(params, r.optim.max_grad_norm)
                     grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 else:
                     grad_norm = float(accelerator.clip_grad_norm_(params, r.optim.max_grad_norm))
-            lr_used = scheduler.get_last_lr()[0]  # the lr of this step (warm-up starts at 0)
-            optimizer.step()
+            if engine is None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             means, pairs, skipped, calls = _global_step_metrics(accelerator, sums, pairs, skipped, calls, device)
             skipped_total += skipped
@@ -313,7 +358,10 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
             every = t.checkpoint_every_steps
             if (every and step % every == 0) or step == t.max_steps:
                 accelerator.wait_for_everyone()
-                if sharded:  # collectives: every process gathers, the main process writes
+                if engine is not None:  # collectives: every process gathers, the main process writes
+                    main = accelerator.is_main_process
+                    trainable, opt_state = zero.full_model_state(engine, main), zero.full_optimizer_state(engine, main)
+                elif sharded:
                     trainable, opt_state = full_model_state(raw_unet), full_optimizer_state(raw_unet, optimizer)
                 else:
                     trainable, opt_state = None, optimizer
@@ -327,8 +375,8 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
                                     t.keep_checkpoints)  # fmt: skip
     seconds = time.perf_counter() - t0
     export_unet = raw_unet
-    if sharded:  # one copy of the weights, split: gather it (collective) for the checksum and the export
-        full = full_model_state(raw_unet)
+    if sharded or engine is not None:  # one copy of the weights, split: gather it (collective) for the export
+        full = full_model_state(raw_unet) if sharded else zero.full_model_state(engine, accelerator.is_main_process)
         export_unet = plain_unet(unet_class, unet_config, full) if accelerator.is_main_process else None
         checksum = _checksum(full.values()) if accelerator.is_main_process else 0.0
         in_sync = True
@@ -357,7 +405,8 @@ def run_training(recipe: TrainRecipe) -> TrainResult:
         pairs_per_second=round(pairs_done / max(seconds, 1e-9), 3),
         unet_calls_per_step=sum(h["unet_calls"] for h in history) / n_steps if history else 0.0,
         skipped_pairs=skipped_total, nonfinite_steps=nonfinite, model_path=model_path, ranks_in_sync=in_sync,
-        sharding="fsdp" if sharded else "none", local_param_fraction=round(held, 6),
+        sharding=shard_mode, local_param_fraction=round(held, 6),
+        reference_param_fraction=None if ref_held is None else round(ref_held, 6),
         trainable_checksum=checksum, seconds=round(time.perf_counter() - started, 3), metrics=history,
     )  # fmt: skip
 

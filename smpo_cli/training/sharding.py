@@ -20,29 +20,39 @@ from smpo_cli.errors import UsageError
 UNIT_CLASSES = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
-def check_sharding(recipe, processes: int, distributed_type: str = "NO") -> bool:
-    """True when this run shards: ``train.sharding=fsdp``, or an accelerate config with ``distributed_type:
-    FSDP`` (smpo then shards itself; the plugin's wrap settings are not used). Refuses what it cannot do."""
+def check_sharding(recipe, processes: int, distributed_type: str = "NO", deepspeed_env=None) -> str:
+    """How this run shards: ``none`` (DDP), ``fsdp`` (``train.sharding=fsdp`` or an accelerate config with
+    ``distributed_type: FSDP``; smpo shards itself, the plugin's wrap settings are not used), ``zero2`` / ``zero3``
+    (``train.sharding=zero2/zero3`` or an accelerate DeepSpeed config: its ZeRO stage, read from ``deepspeed_env``,
+    by default the environment ``accelerate launch`` set). Refuses what it cannot do."""
+    from smpo_cli.training.zero import sharding_of_accelerate_deepspeed
+
     t = recipe.train
-    if distributed_type == "DEEPSPEED":
-        raise UsageError(
-            "accelerate's DeepSpeed launch is not supported by smpo train yet",
-            hint="launch with a DDP config (recipes/accelerate/ddp_8gpu.yaml) and set train.sharding=fsdp to "
-            "shard the UNet (docs/distributed.md)",
-        )
-    if t.sharding != "fsdp" and distributed_type != "FSDP":
-        return False
+    mode = t.sharding
+    if distributed_type == "FSDP" and mode == "none":
+        mode = "fsdp"
+    elif distributed_type == "DEEPSPEED":
+        launched = sharding_of_accelerate_deepspeed(deepspeed_env)
+        if mode not in ("none", launched):
+            raise UsageError(f"train.sharding={mode} under an accelerate DeepSpeed config (ZeRO {launched[-1]})",
+                             hint=f"set train.sharding={launched} or none, or launch with another accelerate config")  # fmt: skip
+        mode = launched
+    if mode == "none":
+        return "none"
     if t.lora_rank is not None:
         raise UsageError(
-            "train.sharding=fsdp shards full fine-tuning; with train.lora_rank only the adapters train",
+            f"train.sharding={mode} shards full fine-tuning; with train.lora_rank only the adapters train",
             hint="LoRA needs no sharding (the adapters are a few MB): use train.sharding=none and a DDP config",
         )
+    if mode in ("zero2", "zero3") and recipe.optim.name != "adamw":
+        raise UsageError(f"train.sharding={mode} with optim.name={recipe.optim.name}: smpo's ZeRO checkpoints hold "
+                         "AdamW's state", hint="use optim.name=adamw, or train.sharding=fsdp")  # fmt: skip
     if t.mixed_precision == "fp16":
         raise UsageError(
-            "train.sharding=fsdp with train.mixed_precision=fp16: fp16 needs a sharded gradient scaler",
+            f"train.sharding={mode} with train.mixed_precision=fp16: fp16 needs a sharded gradient scaler",
             hint="use train.mixed_precision=bf16 (or no)",
         )
-    return processes > 1  # one process: nothing to split
+    return mode if processes > 1 else "none"  # one process: nothing to split
 
 
 def device_mesh(device: torch.device, processes: int):

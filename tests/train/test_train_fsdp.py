@@ -36,6 +36,7 @@ def launch(out: Path, data: Path, *extra: str) -> subprocess.Popen:
 def finished(proc: subprocess.Popen) -> dict:
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode()[-3000:]
+    assert out.lstrip().startswith(b"{"), out[:600]
     return json.loads(out)
 
 
@@ -115,10 +116,10 @@ def test_check_sharding_follows_the_recipe_and_the_accelerate_config():
 
     plain = load_recipe("tiny_dpo_cpu", "train", []).recipe
     fsdp = load_recipe("tiny_dpo_cpu", "train", ["train.sharding=fsdp"]).recipe
-    assert not check_sharding(plain, 2, "MULTI_GPU") and check_sharding(fsdp, 2, "MULTI_GPU")
-    assert check_sharding(plain, 8, "FSDP")  # `accelerate launch --config_file fsdp_full_shard.yaml`
-    assert not check_sharding(fsdp, 1, "NO")  # one process: nothing to split
-    with pytest.raises(UsageError, match="DeepSpeed launch is not supported"):
-        check_sharding(plain, 8, "DEEPSPEED")
+    assert check_sharding(plain, 2, "MULTI_GPU") == "none" and check_sharding(fsdp, 2, "MULTI_GPU") == "fsdp"
+    assert check_sharding(plain, 8, "FSDP") == "fsdp"  # `accelerate launch --config_file fsdp_full_shard.yaml`
+    assert check_sharding(fsdp, 1, "NO") == "none"  # one process: nothing to split
+    with pytest.raises(UsageError, match="train.sharding=fsdp under an accelerate DeepSpeed config"):
+        check_sharding(fsdp, 8, "DEEPSPEED", {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
     with pytest.raises(UsageError, match="fp16 needs a sharded gradient scaler"):
         check_sharding(load_recipe("tiny_dpo_cpu", "train", ["train.sharding=fsdp", "train.mixed_precision=fp16"]).recipe, 2)

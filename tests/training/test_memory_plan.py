@@ -174,14 +174,14 @@ def test_read_sharding_from_a_file_the_environment_or_nothing(tmp_path):
 
 
 def test_launches_the_trainer_refuses_get_one_line(tmp_path):
-    """DeepSpeed, and sharding with fp16 or LoRA: `smpo train` stops (check_sharding), so the plan says so in one
-    line instead of an estimate, with or without a budget."""
+    """DeepSpeed with offload or ZeRO-1, and sharding with fp16 or LoRA: `smpo train` stops (check_sharding), so
+    the plan says so in one line instead of an estimate, with or without a budget."""
     deepspeed = mp.sharding_from_config({"distributed_type": "DEEPSPEED", "num_processes": 8,
-                                         "deepspeed_config": {"zero_stage": 3}})  # fmt: skip
+                                         "deepspeed_config": {"zero_stage": 3, "offload_optimizer_device": "cpu"}})  # fmt: skip
     fsdp = mp.sharding_from_config({"distributed_type": "FSDP", "num_processes": 4})
     refused = [
-        ("DeepSpeed", mp.plan_memory(sd15_recipe("train.mixed_precision=bf16", output_dir=tmp_path),
-                                     sharding=deepspeed)),
+        ("offload", mp.plan_memory(sd15_recipe("train.mixed_precision=bf16", output_dir=tmp_path),
+                                   sharding=deepspeed)),
         ("fp16", mp.plan_memory(sd15_recipe(output_dir=tmp_path), sharding=fsdp)),  # sd15_smpo trains in fp16
         ("fp16", mp.plan_memory(sd15_recipe("train.sharding=fsdp", output_dir=tmp_path), sharding=mp.Sharding())),
         ("lora_rank", mp.plan_memory(sd15_recipe("train.lora_rank=4", "train.mixed_precision=bf16",
@@ -193,7 +193,26 @@ def test_launches_the_trainer_refuses_get_one_line(tmp_path):
             lines = mp.plan_lines(plan, budget_gib=budget)
             assert len(lines) == 1 and lines[0][0] == "warn"
             assert lines[0][1].startswith("memory per GPU: not estimated, smpo train refuses this run: ")
-    assert "accelerate's DeepSpeed launch is not supported by smpo train yet" in refused[0][1].reason
+    assert "smpo does not offload yet" in refused[0][1].reason
+
+
+def test_zero_plans_split_what_deepspeed_splits(tmp_path):
+    """ZeRO-3 splits like FSDP2 (weights, gradients, optimiser state, reference); ZeRO-2 only the gradients and
+    the optimiser state, and keeps the UNet and the reference whole on every process."""
+    bf16 = sd15_recipe("train.mixed_precision=bf16", output_dir=tmp_path)
+    P = SD15_UNET
+    ds = lambda stage: mp.sharding_from_config({"distributed_type": "DEEPSPEED", "num_processes": 4,  # noqa: E731
+                                                "deepspeed_config": {"zero_stage": stage}})  # fmt: skip
+    z3, z2 = mp.plan_memory(bf16, sharding=ds(3)), mp.plan_memory(bf16, sharding=ds(2))
+    assert z3.sharded and z3.sharding == "DeepSpeed ZeRO-3 x4"
+    assert z3.weights == mp.shard_bytes(4 * P, 4) and z3.reference == mp.shard_bytes(2 * P, 4)
+    assert z3.optimizer == mp.shard_bytes(8 * P, 4) and 0 < z3.gathered < 4 * P
+    assert z2.sharded and z2.sharding == "DeepSpeed ZeRO-2 x4"
+    assert z2.weights == 4 * P + mp.shard_bytes(4 * P, 4) and z2.reference == 2 * P
+    assert z2.gradients == mp.shard_bytes(4 * P, 4) and z2.optimizer == mp.shard_bytes(8 * P, 4)
+    assert z3.total < z2.total
+    assert mp.plan_memory(sd15_recipe("train.mixed_precision=bf16", "train.sharding=zero3", output_dir=tmp_path),
+                          sharding=mp.sharding_from_config({"distributed_type": "MULTI_GPU", "num_processes": 4})).sharding == "DeepSpeed ZeRO-3 x4"  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -429,10 +448,15 @@ def test_accelerate_config_option_shards_the_plan(tmp_path, capsys):
     zero3.write_text("distributed_type: DEEPSPEED\nnum_processes: 8\ndeepspeed_config:\n  zero_stage: 3\n")
     assert run([*args, "--accelerate-config", str(zero3), "--gpu-memory", "80"]) == 0
     err = capsys.readouterr().err
-    assert (
-        "smpo train refuses this run: accelerate's DeepSpeed launch is not supported by smpo train yet" in err
-    )
-    assert "memory per GPU (estimate" not in err and "ZeRO" not in err and "--gpu-memory 80" not in err
+    assert "memory per GPU (estimate, bf16 mixed precision, DeepSpeed ZeRO-3 x8): " in err
+    assert "fits --gpu-memory 80 GiB" in err
+    offload = tmp_path / "offload.yaml"
+    offload.write_text("distributed_type: DEEPSPEED\nnum_processes: 8\ndeepspeed_config:\n  zero_stage: 3\n"
+                       "  offload_param_device: cpu\n")  # fmt: skip
+    assert run([*args, "--accelerate-config", str(offload), "--gpu-memory", "80"]) == 0
+    err = capsys.readouterr().err
+    assert "smpo train refuses this run: accelerate DeepSpeed config offloads (offload_param_device=cpu)" in err
+    assert "memory per GPU (estimate" not in err and "--gpu-memory 80" not in err
     assert run([*args, "--accelerate-config", str(tmp_path / "missing.yaml")]) == 2
 
 

@@ -25,6 +25,8 @@ EXPECTED = {
     "single_gpu": "NO",
     "ddp_8gpu": "MULTI_GPU",
     "fsdp_full_shard": "FSDP",
+    "deepspeed_zero2": "DEEPSPEED",
+    "deepspeed_zero3": "DEEPSPEED",
     "multi_node": "MULTI_GPU",
 }
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -70,7 +72,7 @@ def _launch_commands(path: Path) -> list[list[str]]:
     return commands
 
 
-def test_the_six_configs_are_shipped():
+def test_the_configs_are_shipped():
     assert {p.stem for p in CONFIGS} == set(EXPECTED)
 
 
@@ -129,6 +131,21 @@ def test_multi_node_placeholders():
     assert "--machine_rank 1" in text and "--main_process_ip" in text
     args, _ = _worker_env(CONFIG_DIR / "multi_node.yaml")
     assert args.nnodes == "2" and args.node_rank == 0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_give_smpo_their_zero_stage(stage):
+    """What the launcher hands each worker for a DeepSpeed config is what smpo's trainer and memory plan read."""
+    from smpo_cli.training.memory import sharding_from_config
+    from smpo_cli.training.zero import sharding_of_accelerate_deepspeed
+
+    path = CONFIG_DIR / f"deepspeed_zero{stage}.yaml"
+    args, env = _worker_env(path)
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and int(args.nproc_per_node) == 8
+    assert sharding_of_accelerate_deepspeed(env) == f"zero{stage}"
+    plan = sharding_from_config(yaml.safe_load(path.read_text()))
+    assert plan.distributed_type == "DEEPSPEED" and plan.processes == 8
+    assert sharding_of_accelerate_deepspeed(plan.deepspeed) == f"zero{stage}"
 
 
 def _fsdp_plugin():

@@ -36,8 +36,10 @@ environment; default one process). smpo shards with its own FSDP2 when ``train.s
 says ``distributed_type: FSDP`` (the plugin's strategy and wrap settings are not used; the units are
 ``BasicTransformerBlock`` and ``ResnetBlock2D``): the trained UNet, its gradients and optimiser state and the
 frozen reference are divided by the number of processes, and the gathered units are an approximation.
-Otherwise DDP replicates everything and adds its gradient buckets (one more copy of the gradients). Where
-``smpo train`` refuses the launch (a DeepSpeed config; sharding with fp16 or LoRA) the plan is a
+DeepSpeed (``train.sharding=zero2/zero3`` or ``distributed_type: DEEPSPEED`` with its ``zero_stage``): ZeRO-3 is
+counted as FSDP2; ZeRO-2 divides only the gradients and the optimiser state, keeps the UNet and the reference
+whole, and adds a 1/N fp32 master slice and DeepSpeed's gradient reduce bucket. Otherwise DDP replicates everything and adds its gradient buckets (one more copy of the gradients). Where
+``smpo train`` refuses the launch (DeepSpeed offload or ZeRO-1; sharding with fp16 or LoRA) the plan is a
 :class:`RefusedPlan`, one line saying why.
 
 Modules: :mod:`.sharding` (the launch), :mod:`.models` (model references, configs and parameter counts),

@@ -52,7 +52,7 @@ class MemoryPlan:
     notes: tuple[str, ...] = ()
     device: str = "GPU"  # "GPU", or "process" for device=cpu recipes
     recipe_sharding: bool = False  # the recipe could set train.sharding=fsdp (full fine-tuning)
-    sharded: bool = False  # smpo's FSDP2 splits the UNet, its state and the reference over the processes
+    sharded: bool = False  # smpo's FSDP2 / ZeRO split the UNet's state (and, but for ZeRO-2, the UNet and reference)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +70,7 @@ class UnknownPlan:
 
 @dataclass(frozen=True)
 class RefusedPlan:
-    """``smpo train`` would refuse this launch (DeepSpeed; sharding with fp16 or LoRA): ``reason`` is its error."""
+    """``smpo train`` would refuse this launch (DeepSpeed offload or ZeRO-1; sharding with fp16 or LoRA): ``reason`` is its error."""
 
     reason: str
 
@@ -97,9 +97,10 @@ def plan_memory(recipe: Any, *, accelerate_config: str | None = None, sharding: 
 
     sharding = sharding or read_sharding(accelerate_config)
     try:
-        sharded = check_sharding(recipe, sharding.processes, sharding.distributed_type)
+        mode = check_sharding(recipe, sharding.processes, sharding.distributed_type, sharding.deepspeed or {})
     except UsageError as exc:
         return RefusedPlan(str(exc))
+    sharded = mode != "none"
     info = model_info or resolve_model(recipe.model)
     if info.unet_config is None:
         return UnknownPlan(f"parameter count unknown offline ({info.source})")
@@ -150,10 +151,21 @@ def plan_memory(recipe: Any, *, accelerate_config: str | None = None, sharding: 
 
     ddp_buckets = gradients if not sharded and n > 1 else 0
     gathered = 0
-    if sharded:  # smpo's FSDP2 gathers fp32 weights (no FSDP mixed-precision policy; autocast casts them)
+    whole_weights = whole_reference = 0  # ZeRO-2 splits only the gradients and the optimiser state
+    if mode == "zero2":
+        # every process keeps the fp32 UNet and the reference whole, plus its fp32 master slice and DeepSpeed's
+        # gradient reduce bucket (5e8 elements by default)
+        whole_weights, whole_reference = weights, reference - split(reference)  # split(weights): the master slice
+        ddp_buckets = min(gradients, 4 * 500_000_000)
+        notes.append("ZeRO-2: whole fp32 UNet and reference on every process, plus a 1/N fp32 master copy")
+        label = f"DeepSpeed ZeRO-2 x{n}"
+    elif sharded:  # FSDP2 / ZeRO-3 gather fp32 weights block by block (autocast casts them)
         gathered, how = gathered_bytes(shapes, 4, UNIT_CLASSES)
-        notes.append(f"sharded weights: {how} (approximate)")
-        label = f"FSDP2 x{n} ({'train.sharding=fsdp' if t.sharding == 'fsdp' else 'distributed_type FSDP'})"
+        notes.append(f"sharded weights: {how} (approximate{', ZeRO-3 prefetch not counted' if mode == 'zero3' else ''})")
+        if mode == "zero3":
+            label = f"DeepSpeed ZeRO-3 x{n}"
+        else:
+            label = f"FSDP2 x{n} ({'train.sharding=fsdp' if t.sharding == 'fsdp' else 'distributed_type FSDP'})"
     else:
         label = f"DDP x{n}"
     if _accumulation(recipe, n) == 1:
@@ -161,11 +173,12 @@ def plan_memory(recipe: Any, *, accelerate_config: str | None = None, sharding: 
     step_g = split(step_temp)
     moments = {"activations": activations, "optimiser step": step_g, "VAE encode": vae_encode}
     peak_of = max(moments, key=lambda k: moments[k])
-    persistent = (split(weights) + split(gradients) + split(optimizer) + split(reference) + frozen + ddp_buckets
+    weights_held, reference_held = split(weights) + whole_weights, split(reference) + whole_reference
+    persistent = (weights_held + split(gradients) + split(optimizer) + reference_held + frozen + ddp_buckets
                   + gathered)  # fmt: skip
     methods = sorted({without.method, with_ck.method})
     return MemoryPlan(
-        weights=split(weights), gradients=split(gradients), optimizer=split(optimizer), reference=split(reference),
+        weights=weights_held, gradients=split(gradients), optimizer=split(optimizer), reference=reference_held,
         frozen=frozen, activations=activations, activations_without_checkpointing=without.bytes,
         activations_with_checkpointing=with_ck.bytes, optimizer_step=step_g, vae_encode=vae_encode,
         ddp_buckets=ddp_buckets, gathered=gathered, total=persistent + moments[peak_of],

@@ -4,7 +4,8 @@ Read from an accelerate config (``--accelerate-config`` or ``$ACCELERATE_CONFIG_
 ``accelerate launch``, from the environment the launcher set; default one process. Like the trainer
 (``smpo_cli.training.sharding.check_sharding``) the plan takes nothing else from the config: smpo shards with
 its own FSDP2 when ``train.sharding=fsdp`` or ``distributed_type: FSDP`` (the FSDP plugin's strategy, wrap and
-offload settings are not used), and ``smpo train`` refuses a DeepSpeed launch.
+offload settings are not used), and runs DeepSpeed itself with the ZeRO stage of a DeepSpeed config
+(``deepspeed_config.zero_stage``; it refuses offload).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class Sharding:
     distributed_type: str = "NO"  # as accelerate names it: NO, MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED, ...
     processes: int = 1
     source: str = "default: one process"
+    # DEEPSPEED: the settings smpo reads, as the ACCELERATE_DEEPSPEED_* variables accelerate launch sets
+    deepspeed: Mapping[str, str] | None = None
 
 
 def shard_bytes(nbytes: int, processes: int) -> int:
@@ -34,21 +37,29 @@ def sharding_from_config(config: Mapping[str, Any], source: str = "accelerate co
     """:class:`Sharding` of an accelerate config (the YAML of ``accelerate config``, as a mapping)."""
     kind = str(config.get("distributed_type") or "NO").upper()
     processes = 1 if kind == "NO" else max(int(config.get("num_processes") or 1), 1)
-    return Sharding(kind, processes, source)
+    deepspeed = None
+    if kind == "DEEPSPEED":
+        ds = config.get("deepspeed_config") or {}
+        deepspeed = {"ACCELERATE_DEEPSPEED_ZERO_STAGE": str(ds.get("zero_stage", 2)),
+                     "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": str(ds.get("offload_optimizer_device") or "none"),
+                     "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": str(ds.get("offload_param_device") or "none")}  # fmt: skip
+    return Sharding(kind, processes, source, deepspeed)
 
 
 def _launched_sharding(env: Mapping[str, str]) -> Sharding:
     """Under ``accelerate launch`` (a real run with --gpu-memory): what the launcher put in the environment."""
     world = int(env.get("WORLD_SIZE", "1")) if str(env.get("WORLD_SIZE", "1")).isdigit() else 1
+    deepspeed = None
     if str(env.get("ACCELERATE_USE_DEEPSPEED", "")).lower() == "true":
         kind = "DEEPSPEED"
+        deepspeed = {k: str(v) for k, v in env.items() if k.startswith("ACCELERATE_DEEPSPEED_")}
     elif str(env.get("ACCELERATE_USE_FSDP", "")).lower() == "true":
         kind = "FSDP"
     elif world > 1:
         kind = "MULTI_GPU"
     else:
         return Sharding()
-    return Sharding(kind, max(world, 1), "accelerate launch environment")
+    return Sharding(kind, max(world, 1), "accelerate launch environment", deepspeed)
 
 
 def read_sharding(
