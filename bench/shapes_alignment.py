@@ -2,18 +2,25 @@
 and a learned reward.
 
 1. ``smpo pairs``: ``images`` samples per training caption from ``shapes-sd15-miscaptioned-clip`` (captions
-   with uniform skills), scored by ``shapes-pickscore`` (the learned reward, its own cosine range), best vs worst;
+   with uniform skills) at ``--pairs-guidance`` (default 2: samples at the evaluation's guidance 4 teach the
+   guided distribution as the conditional one, bench/shapes_controls.py), scored by ``shapes-pickscore`` (the
+   learned reward, its own cosine range), best vs worst;
 2. each pair also gets one simulated annotator's vote (``shapes.annotators``, read off the judge), the
    "human label" Diffusion-DPO trains on, written as the ``votes_winner`` / ``votes_p`` columns;
-3. ``smpo train`` for each arm, same pairs, steps, batch and learning rate:
-   ``smpo`` (shapes-pickscore's smoothed p, random noise), ``smpo_binary`` (the same winner, p = 1) and
-   ``dpo`` (the votes), with the paper's SD1.5 temperatures (SmPO beta 2000 and gamma 10, DPO beta 5000);
-4. every model samples the same evaluation captions with the same seeds; the judge reads every image;
-   differences from the base and SmPO - DPO are paired by seed, with 95% cluster-bootstrap intervals
-   over captions.
+3. ``smpo train`` for each arm of ``--arms``, same pairs, steps, batch and learning rate: ``smpo_inv``
+   (shapes-pickscore's smoothed p, trained from the ReNoise inversion cache ``smpo invert`` builds),
+   ``smpo`` (the same p, random noise), ``smpo_binary`` (the same winner, p = 1) and ``dpo`` (the votes), with
+   the paper's SD1.5 temperatures (SmPO beta 2000 and gamma 10, DPO beta 5000); ``--seed`` trains another seed
+   on the same pairs and evaluation;
+4. every model samples the same evaluation captions with the same seeds (``--eval balanced``: GenEval's mean
+   over six skills, 256 images each); the judge reads every image; differences from the base and between arms
+   are paired by seed, with 95% bootstrap intervals stratified by skill. ``--pool-seeds 0,1,2`` pools the
+   finished seeds into one table.
 
-    python bench/shapes_alignment.py -o runs/shapes-alignment          # about 25 minutes on 2 CPU cores
-    python bench/shapes_alignment.py -o /tmp/a --quick --json          # the plumbing in about 2 minutes
+    python bench/shapes_alignment.py -o runs/shapes-alignment --arms smpo_inv,dpo --steps 800       # about 25-50 minutes on 2 CPU cores
+    python bench/shapes_alignment.py -o runs/shapes-alignment --arms smpo_inv,dpo --steps 800 --seed 1
+    python bench/shapes_alignment.py -o runs/shapes-alignment --pool-seeds 0,1
+    python bench/shapes_alignment.py -o /tmp/a --quick --json          # the plumbing in about 3 minutes
 """
 
 from __future__ import annotations
@@ -80,6 +87,49 @@ def add_votes(pairs_dir: Path, seed: int) -> dict:
             if decided.any() else float("nan")}  # fmt: skip
 
 
+def pool_seeds(out: Path, seeds: list[int]) -> dict:
+    """Every arm finished for all ``seeds``: each image's correctness averaged over the training seeds, then the
+    GenEval-balanced paired bootstrap (stratified by skill) of arm - base and of the comparisons. The interval
+    covers the evaluation's sampling noise with the seeds' mean as the model; the per-seed changes show the
+    spread between training runs."""
+    from smpo_cli.benchmark.metrics import paired_bootstrap_task_mean
+    from smpo_cli.shapes.world import split_captions
+
+    train, _ = split_captions(0)
+    geneval = [c for c in train if c.geneval_form]
+    evals = balanced_eval(geneval, 256, 64)
+    groups, skills = eval_groups_of(evals, geneval), np.array([c.skill for c in evals])
+    base = np.array([v.correct for v in judged(out / "eval_balanced_base", evals, 1)], dtype=float)
+    folder = lambda arm, seed: out / (arm if seed == 0 else f"{arm}-s{seed}") / "eval_balanced"  # noqa: E731
+    arms = [a for a in ARMS if all((folder(a, s) / "images").is_dir() for s in seeds)]
+    per_seed = {a: [np.array([v.correct for v in judged(folder(a, s), evals, 1)], dtype=float) for s in seeds] for a in arms}
+    mean = {a: np.mean(v, axis=0) for a, v in per_seed.items()}
+    score = lambda ok: float(np.mean([ok[skills == s].mean() for s in sorted(set(skills))]))  # noqa: E731
+    result = {"seeds": seeds, "eval_images": int(base.size), "base_accuracy": score(base), "arms": {}, "comparisons": {}}
+    for a in arms:
+        result["arms"][a] = {"accuracy": score(mean[a]), "change": paired_bootstrap_task_mean(mean[a], base, skills, groups),
+                             "per_seed_change": [score(x) - score(base) for x in per_seed[a]],
+                             "skills": {s: float(mean[a][skills == s].mean()) for s in sorted(set(skills))}}  # fmt: skip
+    for a, b in COMPARISONS:
+        if a in mean and b in mean:
+            result["comparisons"][f"{a} - {b}"] = {**paired_bootstrap_task_mean(mean[a], mean[b], skills, groups),
+                                                   "per_seed": [score(x) - score(y) for x, y in zip(per_seed[a], per_seed[b], strict=True)]}  # fmt: skip
+    result["base_skills"] = {s: float(base[skills == s].mean()) for s in sorted(set(skills))}
+    (out / f"results-pooled-{'-'.join(map(str, seeds))}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_pooled(r: dict) -> str:
+    ci = lambda d: f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"  # noqa: E731
+    seeds = lambda xs: ", ".join(f"{100 * x:+.1f}" for x in xs)  # noqa: E731
+    lines = [f"seeds {r['seeds']}: base {r['base_accuracy']:.1%} on {r['eval_images']} images (GenEval-balanced)"]
+    for arm, a in r["arms"].items():
+        lines.append(f"{arm:12} {a['accuracy']:>7.1%}  change {ci(a['change'])}  per seed {seeds(a['per_seed_change'])}")
+    for pair, d in r["comparisons"].items():
+        lines.append(f"{pair:24} {ci(d)}  per seed {seeds(d['per_seed'])}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--output-dir", type=Path, required=True)
@@ -99,7 +149,13 @@ def main() -> None:
     ap.add_argument("--eval", choices=("balanced", "legacy"), default="balanced",
                     help="balanced: GenEval's mean over skills, 256 images each; legacy: image mean, captions x 4")
     ap.add_argument("--eval-captions", type=int, default=384, help="legacy evaluation captions (x 4 images)")
+    ap.add_argument("--pool-seeds", default=None,
+                    help="e.g. 0,1,2: no training; pool the finished seeds' evaluations (balanced) into one table")
     args = ap.parse_args()
+    if args.pool_seeds:
+        pooled = pool_seeds(args.output_dir.resolve(), [int(x) for x in args.pool_seeds.split(",")])
+        print(json.dumps(pooled) if args.json else format_pooled(pooled))
+        return
     from smpo_cli.benchmark.metrics import paired_bootstrap, paired_bootstrap_task_mean
     from smpo_cli.shapes.world import sample_captions, split_captions
 
