@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (pretraining ended at 6e-5)")
     ap.add_argument("--base", default="shapes-sd15", help="base model (shapes-sd15 or a smpo shapes pretrain pipeline)")
     ap.add_argument("--steps", type=int, default=300, help="optimiser steps per arm (batch 32)")
+    ap.add_argument("--warmup-steps", type=int, default=None, help="lr warm-up steps (default: steps // 6)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     ap.add_argument("--uniform-skills", action="store_true",
                     help="sample the pool's captions with uniform skills (default: weighted toward binding and position)")
@@ -198,9 +199,11 @@ def main() -> None:
     for arm, rows in data.items():
         (out / f"{arm}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, steps // 6)
+
     def run_arm(arm: str) -> None:
         marker = out / arm / "done.json"  # a rerun with the same settings keeps a finished arm's model
-        settings = {"base": base, "lr": args.lr, "steps": steps, "rows": len(data[arm])}
+        settings = {"base": base, "lr": args.lr, "steps": steps, "rows": len(data[arm]), "warmup": warmup}
         if marker.is_file() and json.loads(marker.read_text()) == settings:
             generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / eval_name, per_eval, 1000, 4.0)
             return
@@ -209,7 +212,7 @@ def main() -> None:
              "train.grad_accum_steps=1", "train.checkpoint_every_steps=null", "optim.weight_decay=0.0", "data.reward=sft", "data.labels=reward", "data.resolution=32", "data.num_workers=0",
              "data.empty_prompt_prob=0.1", "model.dtype=float32", "device=cpu", "inversion.source=none",
              f"optim.lr={args.lr}", "optim.scale_lr=false", "optim.lr_scheduler=constant_with_warmup",
-             f"optim.warmup_steps={max(1, steps // 6)}", "train.batch_size=32", f"train.max_steps={steps}",
+             f"optim.warmup_steps={warmup}", "train.batch_size=32", f"train.max_steps={steps}",
              "logging.progress=false")  # fmt: skip
         generate(str(out / arm / "train" / "pipeline"), eval_file, out / arm / eval_name, per_eval, 1000, 4.0,
                  overwrite=True)  # fmt: skip
