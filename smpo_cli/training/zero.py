@@ -124,11 +124,6 @@ def inner_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)
 
 
-def param_groups(engine) -> list[dict[str, Any]]:
-    """The parameter groups the learning-rate scheduler must drive (the wrapped torch optimiser's)."""
-    return inner_optimizer(engine).param_groups
-
-
 def local_fraction(engine) -> float:
     """Share of the trained weights (ZeRO-3) or of the optimiser state (ZeRO-2) this process holds."""
     return _held([p for p in engine.module.parameters() if p.requires_grad], engine)

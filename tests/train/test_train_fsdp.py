@@ -40,6 +40,21 @@ def finished(proc: subprocess.Popen) -> dict:
     return json.loads(out)
 
 
+def kill_after_step_2(proc: subprocess.Popen, out: Path) -> None:
+    """SIGKILL a 2-process run (the launcher and both workers) once its step-2 checkpoint is written."""
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / "step-000002" / "state.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.01)
+    import psutil  # accelerate's dependency
+
+    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()  # torchrun starts each worker in its own session
+    proc.communicate()
+    assert not (out / "pipeline").exists(), "the kill landed after the run finished"
+
+
 def distance(a: dict, b: dict) -> float:
     return sum(float((a[k] - b[k]).double().pow(2).sum()) for k in b) ** 0.5
 
@@ -62,18 +77,7 @@ def test_fsdp_shards_trains_like_ddp_and_resumes_after_sigkill(scored, tmp_path)
     assert losses[1] == pytest.approx(losses[0], abs=1e-4)
     # a sharded run killed after its step-2 checkpoint and resumed ends where the uninterrupted one ends
     out = tmp_path / "killed"
-    proc = launch(out, scored, "train.sharding=fsdp")
-    deadline = time.time() + 300
-    while time.time() < deadline and not (out / "checkpoints" / "step-000002" / "state.json").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        time.sleep(0.01)
-    import psutil  # accelerate's dependency
-
-    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()  # the launcher and both workers (torchrun starts each worker in its own session)
-    proc.communicate()
-    assert not (out / "pipeline").exists(), "the kill landed after the run finished"
+    kill_after_step_2(launch(out, scored, "train.sharding=fsdp"), out)
     resumed = finished(launch(out, scored, "train.sharding=fsdp", "train.resume=auto"))
     assert resumed["resumed_from"] >= 2 and resumed["steps"] == 6
     c = unet_state(out / "pipeline")

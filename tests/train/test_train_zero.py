@@ -3,13 +3,11 @@ partitioned, the same training as DDP, a checkpoint that survives SIGKILL and re
 
 from __future__ import annotations
 
-import contextlib
 import json
-import time
 
 import pytest
 
-from tests.train.test_train_fsdp import distance, finished, launch
+from tests.train.test_train_fsdp import distance, finished, kill_after_step_2, launch
 from tests.train.test_train_stage import base_unet_state, unet_state
 
 pytestmark = pytest.mark.integration
@@ -44,18 +42,7 @@ def test_zero2_and_zero3_partition_train_like_ddp_and_resume_after_sigkill(score
         assert losses(tmp_path / mode) == pytest.approx(losses(tmp_path / "ddp"), abs=1e-3)
     # a ZeRO-3 run killed after its step-2 checkpoint and resumed ends where the uninterrupted one ends
     out = tmp_path / "killed"
-    proc = launch(out, scored, "train.sharding=zero3")
-    deadline = time.time() + 300
-    while time.time() < deadline and not (out / "checkpoints" / "step-000002" / "state.json").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        time.sleep(0.01)
-    import psutil  # accelerate's dependency
-
-    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    proc.communicate()
-    assert not (out / "pipeline").exists(), "the kill landed after the run finished"
+    kill_after_step_2(launch(out, scored, "train.sharding=zero3"), out)
     resumed = finished(launch(out, scored, "train.sharding=zero3", "train.resume=auto"))
     assert resumed["resumed_from"] >= 2 and resumed["steps"] == 6
     z3 = unet_state(tmp_path / "zero3" / "pipeline")
