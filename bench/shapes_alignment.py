@@ -43,8 +43,10 @@ ARMS = {  # name: (method, data.reward, binary labels, beta, ReNoise cache): the
     "smpo": ("smpo", "pickscore", False, 2000.0, False),
     "smpo_binary": ("smpo", "pickscore", True, 2000.0, False),
     "dpo": ("dpo", "votes", False, 5000.0, False),
+    "sft_votes": ("sft", "votes", False, None, False),  # SFT on the voted winners (no temperature)
 }
-COMPARISONS = (("smpo_inv", "dpo"), ("smpo", "dpo"), ("smpo_inv", "smpo"), ("smpo", "smpo_binary"))
+COMPARISONS = (("smpo_inv", "dpo"), ("smpo", "dpo"), ("smpo_inv", "smpo"), ("smpo", "smpo_binary"), ("smpo_inv", "sft_votes"),
+               ("dpo", "sft_votes"))
 
 
 def invert_pairs(base: str, out: Path) -> None:
@@ -53,6 +55,40 @@ def invert_pairs(base: str, out: Path) -> None:
     smpo("invert", "--recipe", "renoise_sdxl_cache", "-o", str(out / "cache"), f"model.pretrained={base}", "~model.vae",
          "model.dtype=float32", "device=cpu", f"data.path={out / 'pairs'}", "data.resolution=32", "data.num_workers=0",
          "inversion.batch_size=64", "logging.progress=false")  # fmt: skip
+
+
+def train_arm(out: Path, folder: Path, arm: str, *, base: str, lr: float, steps: int, seed: int,
+              beta: float | None = None, checkpoint_every: int | None = None) -> None:
+    """``smpo train`` of one arm on the pairs in ``out`` (16 pairs a step, constant lr after steps/8 of warm-up)
+    into ``folder``; ``beta`` overrides the arm's temperature, ``checkpoint_every`` keeps every checkpoint."""
+    method, reward, binary, arm_beta, inverted = ARMS[arm]
+    beta = arm_beta if beta is None else beta
+    inversion = ["inversion.source=cache", f"inversion.cache_path={out / 'cache'}"] if inverted else ["inversion.source=none"]
+    checkpoints = (["train.checkpoint_every_steps=null"] if checkpoint_every is None else
+                   [f"train.checkpoint_every_steps={checkpoint_every}", f"train.keep_checkpoints={max(1, steps // checkpoint_every)}"])  # fmt: skip
+    smpo("train", "--recipe", "tiny_dpo_cpu", "-o", str(folder), "--overwrite",
+         f"model.pretrained={base}", f"data.path={out / 'pairs'}", f"method.name={method}",
+         f"method.binary_labels={str(binary).lower()}", *([f"method.beta={beta}"] if beta else []), f"data.reward={reward}",
+         "data.labels=reward",  # the winner column named by data.reward (votes for DPO and SFT: the human label)
+         "train.grad_accum_steps=1", *checkpoints, "optim.weight_decay=0.0",
+         "data.resolution=32", "data.num_workers=0", "data.empty_prompt_prob=0.1", "model.dtype=float32",
+         "device=cpu", *inversion, f"optim.lr={lr}", "optim.scale_lr=false", f"seed={seed}",
+         "optim.lr_scheduler=constant_with_warmup", f"optim.warmup_steps={max(1, steps // 8)}",
+         "train.batch_size=16", f"train.max_steps={steps}", "logging.progress=false")  # fmt: skip
+
+
+def prepare_pairs(out: Path, base: str, pool: Path, n_caps: int, images: int, guidance: float) -> dict:
+    """``smpo pairs`` on the captions in ``pool`` plus one vote per pair; the pairs of a finished run with the
+    same settings are reused by other seeds, arms and the grid. Returns the pairs' settings (their key)."""
+    key = {"base": base, "captions": n_caps, "images": images, "guidance": guidance}
+    stats_file = out / "pairs_stats.json"
+    if stats_file.is_file() and json.loads(stats_file.read_text())["key"] == key:
+        return key
+    smpo("pairs", "--recipe", "pairs_tiny_cpu", "-o", str(out / "pairs"), "--overwrite", f"model.pretrained={base}",
+         f"prompts.path={pool}", "~prompts.limit", f"sampling.images_per_prompt={images}",
+         f"sampling.guidance_scale={guidance}", "sampling.batch_size=64", "logging.progress=false")  # fmt: skip
+    stats_file.write_text(json.dumps({"key": key, "stats": add_votes(out / "pairs", seed=21)}))
+    return key
 
 
 def add_votes(pairs_dir: Path, seed: int) -> dict:
@@ -179,21 +215,12 @@ def main() -> None:
         groups = np.repeat(np.arange(len(evals)), 4)
     eval_file = write_captions(out / f"{eval_name}.txt", evals)
 
-    pairs_key = {"base": args.base, "captions": n_caps, "images": args.images, "guidance": args.pairs_guidance}
-    stats_file = out / "pairs_stats.json"  # the pairs of a finished run are reused by other seeds and arms
-
-    def make_pairs() -> None:
-        if stats_file.is_file() and json.loads(stats_file.read_text())["key"] == pairs_key:
-            return
-        smpo("pairs", "--recipe", "pairs_tiny_cpu", "-o", str(out / "pairs"), "--overwrite", f"model.pretrained={args.base}",
-             f"prompts.path={pool}", "~prompts.limit", f"sampling.images_per_prompt={args.images}",
-             f"sampling.guidance_scale={args.pairs_guidance}", "sampling.batch_size=64", "logging.progress=false")  # fmt: skip
-        stats_file.write_text(json.dumps({"key": pairs_key, "stats": add_votes(out / "pairs", seed=21)}))
-
     with ThreadPoolExecutor(2) as ex:
-        jobs = [ex.submit(make_pairs), ex.submit(generate, args.base, eval_file, out / f"{eval_name}_base", per_eval, 1000, 4.0)]
-        [j.result() for j in jobs]
-    pair_stats = json.loads(stats_file.read_text())["stats"]
+        jobs = [ex.submit(prepare_pairs, out, args.base, pool, n_caps, args.images, args.pairs_guidance),
+                ex.submit(generate, args.base, eval_file, out / f"{eval_name}_base", per_eval, 1000, 4.0)]  # fmt: skip
+        pairs_key = jobs[0].result()
+        jobs[1].result()
+    pair_stats = json.loads((out / "pairs_stats.json").read_text())["stats"]
     summary = json.loads((out / "pairs" / "summary.json").read_text())["summary"]["pickscore"]
     if any(ARMS[a][4] for a in arms):
         invert_pairs(args.base, out)
@@ -202,21 +229,11 @@ def main() -> None:
         return out / (arm if args.seed == 0 else f"{arm}-s{args.seed}")
 
     def run_arm(arm: str) -> None:
-        method, reward, binary, beta, inverted = ARMS[arm]
         folder = arm_dir(arm)
         marker = folder / "done.json"  # a rerun with the same settings keeps a finished arm's model
         settings = {"pairs": pairs_key, "lr": args.lr, "steps": steps, "seed": args.seed}
         if not (marker.is_file() and json.loads(marker.read_text()) == settings):
-            inversion = ["inversion.source=cache", f"inversion.cache_path={out / 'cache'}"] if inverted else ["inversion.source=none"]
-            smpo("train", "--recipe", "tiny_dpo_cpu", "-o", str(folder / "train"), "--overwrite",
-                 f"model.pretrained={args.base}", f"data.path={out / 'pairs'}", f"method.name={method}",
-                 f"method.binary_labels={str(binary).lower()}", f"method.beta={beta}", f"data.reward={reward}",
-                 "data.labels=reward",  # the winner column named by data.reward (votes for DPO: the human label)
-                 "train.grad_accum_steps=1", "train.checkpoint_every_steps=null", "optim.weight_decay=0.0",
-                 "data.resolution=32", "data.num_workers=0", "data.empty_prompt_prob=0.1", "model.dtype=float32",
-                 "device=cpu", *inversion, f"optim.lr={args.lr}", "optim.scale_lr=false", f"seed={args.seed}",
-                 "optim.lr_scheduler=constant_with_warmup", f"optim.warmup_steps={max(1, steps // 8)}",
-                 "train.batch_size=16", f"train.max_steps={steps}", "logging.progress=false")  # fmt: skip
+            train_arm(out, folder / "train", arm, base=args.base, lr=args.lr, steps=steps, seed=args.seed)
             generate(str(folder / "train" / "pipeline"), eval_file, folder / eval_name, per_eval, 1000, 4.0, overwrite=True)
             marker.write_text(json.dumps(settings))
 

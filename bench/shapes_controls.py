@@ -50,12 +50,12 @@ def smpo(*args: str, threads: int = 1) -> None:
 
 
 def generate(model: str, captions: Path, out: Path, per_caption: int, seed: int, guidance: float,
-             overwrite: bool = False) -> None:  # fmt: skip
+             overwrite: bool = False, extra: list[str] | None = None) -> None:  # fmt: skip
     # without overwrite a rerun resumes a finished folder instead of sampling it again; a retrained model's
     # folder must be overwritten (same path, other weights)
     smpo("generate", "-m", model, "-p", str(captions), "-o", str(out), *(["--overwrite"] if overwrite else []), "model.dtype=float32",
          "device=cpu", "logging.progress=false", f"seed={seed}", f"sampling.images_per_prompt={per_caption}",
-         "sampling.num_inference_steps=20", f"sampling.guidance_scale={guidance}", "sampling.batch_size=64")  # fmt: skip
+         "sampling.num_inference_steps=20", f"sampling.guidance_scale={guidance}", "sampling.batch_size=64", *(extra or []))  # fmt: skip
 
 
 def judged(folder: Path, captions: list, per_caption: int) -> list:
