@@ -35,7 +35,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes_controls import balanced_eval, eval_groups_of, generate, judged, smpo, write_captions  # noqa: E402
+from shapes_controls import generate, judged, smpo, write_captions  # noqa: E402
+
+from smpo_cli.shapes.evaluation import balanced_eval, eval_groups_of  # noqa: E402
 
 BASE = "shapes-sd15-miscaptioned-clip"  # partners stay apart in its frozen text encoder (README)
 ARMS = {  # name: (method, data.reward, binary labels, beta, ReNoise cache): the paper's SD1.5 temperatures (SmPO gamma 10)

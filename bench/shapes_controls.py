@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from smpo_cli.shapes.evaluation import balanced_eval, eval_groups_of
+
 SKILL_WEIGHTS = {"color_attr": 0.35, "position": 0.25, "counting": 0.2, "two_object": 0.1, "colors": 0.05,
                  "single_object": 0.05}  # fmt: skip
 ARMS = ("renders", "rs_cfg4", "rs_cfg2", "big_objects")
@@ -74,28 +76,6 @@ def write_captions(path: Path, captions: list) -> Path:
 def sft_rows(paths: list[str], prompts: list[str]) -> list[dict]:
     return [{"image_0": p, "image_1": p, "prompt": t, "sft_winner": 0, "sft_p": 1.0, "smpo_row": i}
             for i, (p, t) in enumerate(zip(paths, prompts, strict=True))]  # fmt: skip
-
-
-def balanced_eval(geneval: list, images_per_skill: int, max_captions: int) -> list:
-    """Each skill's GenEval-form captions, cycled to ``images_per_skill`` lines (one image each): all of them
-    where a skill has at most ``max_captions``, else an evenly spaced sample of that many."""
-    from smpo_cli.shapes.world import SKILLS
-
-    out = []
-    for skill in SKILLS:
-        captions = [c for c in geneval if c.skill == skill]
-        if len(captions) > max_captions:
-            captions = [captions[i] for i in np.linspace(0, len(captions) - 1, max_captions).round().astype(int)]
-        out += [captions[i % len(captions)] for i in range(images_per_skill)]
-    return out
-
-
-def eval_groups_of(evals: list, geneval: list) -> np.ndarray:
-    """Bootstrap clusters: one per image where the evaluation holds every caption of the skill (only seeds vary),
-    one per caption where it holds a sample of the skill's captions."""
-    whole = {s for s in {c.skill for c in evals}
-             if {c.text for c in geneval if c.skill == s} <= {c.text for c in evals}}  # fmt: skip
-    return np.array([f"image {i}" if c.skill in whole else c.text for i, c in enumerate(evals)])
 
 
 def balanced_repeats(keep: list[int], skills: list[str], max_repeat: int = 8) -> list[int]:

@@ -34,7 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes_alignment import ARMS, BASE, invert_pairs, prepare_pairs, train_arm  # noqa: E402
-from shapes_controls import balanced_eval, eval_groups_of, generate, judged, write_captions  # noqa: E402
+from shapes_controls import generate, judged, write_captions  # noqa: E402
+
+from smpo_cli.shapes.evaluation import balanced_eval, eval_groups_of  # noqa: E402
 
 GRID = {  # arm: (lr, beta) points; the centres are bench/shapes_alignment.py's settings (the paper's SD1.5 betas)
     "smpo_inv": [(5e-5, 2000.0), (2.5e-5, 2000.0), (1e-4, 2000.0), (5e-5, 1000.0), (5e-5, 4000.0)],

@@ -834,10 +834,16 @@ class ShapesPairsSpec(Block):
 
     count: PositiveInt = Field(1024, description="Pairs (one per training caption).")
     images_per_caption: int = Field(
-        2, ge=2, description="Samples per caption (smpo pairs); the pair is the judge's best and worst of them."
+        2, ge=2, description="Samples per caption (smpo pairs); the pair is the reward's best and worst of them."
     )  # fmt: skip
+    reward: Literal["shapes-pickscore", "shapes-judge"] = Field(
+        "shapes-pickscore",
+        description="The reward that picks each caption's best and worst sample and gives the reward arms' winner "
+        "and p: shapes-pickscore (the learned reward, as PickScore on real data) | shapes-judge (the evaluator "
+        "itself: an ablation).",
+    )
     num_inference_steps: PositiveInt = Field(20, description="DDIM steps when sampling pairs and evaluation images.")
-    guidance_scale: float = Field(4.0, ge=0, description="Classifier-free guidance when sampling.")
+    guidance_scale: float = Field(4.0, ge=0, description="Classifier-free guidance when sampling the pairs.")
     reward_noise_std: float = Field(0.0, ge=0, description="Gaussian noise on the judge's score used as the smoothing reward.")
     batch_size: PositiveInt = Field(64, description="Images per sampling forward pass.")
 
@@ -847,8 +853,9 @@ class ShapesMethodSpec(Block):
 
     name: str = Field(description="Label in the tables, e.g. smpo, dpo, smpo_no_inversion.")
     method: Literal["smpo", "dpo", "sft"] = Field(description="Loss (method.name of smpo train).")
-    labels: Literal["human", "reward"] = Field(
-        description="human: the sampled annotator's vote orders the pair | reward: the judge's score does (SmPO)."
+    labels: Literal["human", "reward", "judge"] = Field(
+        description="human: the sampled annotator's vote orders the pair | reward: pairs.reward's winner and p (SmPO) "
+        "| judge: the judge's (the 'judge as reward' ablation)."
     )
     inversion: Literal["cache", "none"] = Field("none", description="cache: SmPO's ReNoise trajectory | none: random noise.")
     binary_labels: bool = Field(False, description="SmPO with p = 1 (no smoothing).")
@@ -870,7 +877,11 @@ class ShapesTrainSpec(Block):
 
     steps: PositiveInt = Field(200, description="Optimiser steps per run.")
     batch_size: PositiveInt = Field(16, description="Pairs per step.")
-    lr: float = Field(4e-5, gt=0, description="AdamW learning rate (constant).")
+    lr: float = Field(4e-5, gt=0, description="AdamW learning rate (constant after warm-up).")
+    warmup_steps: NonNegInt = Field(0, description="Linear learning-rate warm-up steps.")
+    empty_prompt_prob: Probability = Field(
+        0.0, description="Fraction of captions dropped (classifier-free guidance's unconditional branch, as in pretraining)."
+    )
     beta: float = Field(2000.0, gt=0, description="Temperature of arms without their own beta (the paper's SD1.5 SmPO value).")
     gamma: float = Field(10.0, gt=0, description="SmPO's gamma.")
     inversion_steps: PositiveInt = Field(10, description="ReNoise grid steps of the inversion cache.")
@@ -881,6 +892,14 @@ class ShapesEvalSpec(Block):
     heldout_captions: PositiveInt = Field(48, description="GenEval-form held-out captions evaluated (all when fewer).")
     train_captions: PositiveInt = Field(48, description="GenEval-form training captions evaluated.")
     images_per_caption: PositiveInt = Field(4, description="Samples per caption (same seeds for every model).")
+    images_per_skill: NonNegInt = Field(
+        0,
+        description="> 0: the GenEval-balanced evaluation instead: this many images per skill on training captions "
+        "(the score is the mean of the skills' accuracies) and paired bootstrap intervals of every arm - base and "
+        "arm - arm | 0: held-out and training captions x images_per_caption.",
+    )
+    max_captions_per_skill: PositiveInt = Field(64, description="Balanced evaluation: captions sampled from a large skill.")
+    guidance_scale: float | None = Field(None, ge=0, description="Guidance of the evaluation images (null: pairs.guidance_scale).")
     grid_captions: PositiveInt = Field(8, description="Captions shown in the sample grids.")
 
 
@@ -898,6 +917,10 @@ class ShapesBenchRecipe(Block):
     arms: list[ShapesMethodSpec] = Field(default_factory=_default_arms, min_length=1)
     train: ShapesTrainSpec = Field(default_factory=ShapesTrainSpec)
     eval: ShapesEvalSpec = Field(default_factory=ShapesEvalSpec)
+    workers: PositiveInt = Field(
+        1, description="Runs trained and evaluated at a time, each in its own process with one torch thread (tiny "
+        "models use a core far better with one thread: 2 on a 2-core machine).",
+    )  # fmt: skip
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
 
     @model_validator(mode="after")

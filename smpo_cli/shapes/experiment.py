@@ -53,6 +53,7 @@ class ShapesBenchResult:
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    paired: dict[str, Any] = field(default_factory=dict)  # the balanced evaluation's paired changes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,7 +80,7 @@ def _store(recipe: ShapesBenchRecipe):
 
 def fingerprint(recipe: ShapesBenchRecipe) -> dict[str, Any]:
     """Everything the results depend on: a rerun with other settings must not reuse these runs."""
-    return recipe.model_dump(mode="json", exclude={"output_dir", "logging"})
+    return recipe.model_dump(mode="json", exclude={"output_dir", "logging", "workers"})
 
 
 def resume_ok(recipe: ShapesBenchRecipe) -> bool:
@@ -95,13 +96,15 @@ def _execute(stage: str, data: dict[str, Any], core, resume) -> Any:
 
 
 def _generate(recipe: ShapesBenchRecipe, model: str, prompts: Path, out: Path, images_per_prompt: int, seed: int):
+    """The evaluation images of ``model`` (at ``eval.guidance_scale``, else the pairs' guidance)."""
     from smpo_cli.generation.runner import resume_ok, run_generation
 
     p = recipe.pairs
+    guidance = p.guidance_scale if recipe.eval.guidance_scale is None else recipe.eval.guidance_scale
     data = {"stage": "generate", "seed": seed, "device": recipe.device, "output_dir": str(out),
             "model": {"pretrained": model, "dtype": "float32"}, "prompts": {"path": str(prompts)},
             "sampling": {"images_per_prompt": images_per_prompt, "num_inference_steps": p.num_inference_steps,
-                         "guidance_scale": p.guidance_scale, "batch_size": p.batch_size},
+                         "guidance_scale": guidance, "batch_size": p.batch_size},
             "logging": {"progress": recipe.logging.progress}}  # fmt: skip
     return _execute("generate", data, run_generation, resume_ok)
 
@@ -115,11 +118,12 @@ def read_images(folder: Path, n_prompts: int, per_prompt: int) -> np.ndarray:
 
 
 def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
-    """Sample, judge and label the pairs through ``smpo pairs``; write ``pairs.jsonl`` (what every arm trains on).
+    """Sample, score and label the pairs through ``smpo pairs``; write ``pairs.jsonl`` (what every arm trains on).
 
-    ``smpo pairs`` samples ``images_per_caption`` images per caption from the base model, scores them with the
-    shapes judge and keeps each caption's best and worst (with two images: the pair); the annotator population
-    then votes on each pair, as Pick-a-Pic's users voted on theirs.
+    ``smpo pairs`` samples ``images_per_caption`` images per caption from the base model, scores them with
+    ``pairs.reward`` (the learned shapes-pickscore by default, as PickScore scores real data) and keeps each
+    caption's best and worst; the annotator population then votes on each pair, as Pick-a-Pic's users voted on
+    theirs, and the judge scores both images (the evaluator; its labels are the ``judge`` ablation).
     """
     import pyarrow.parquet as pq
     from PIL import Image
@@ -137,11 +141,14 @@ def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
     prompts = folder / "captions.txt"
     write_text(prompts, "".join(c.text + "\n" for c in captions))
     p = recipe.pairs
+    learned = p.reward == "shapes-pickscore"
+    reward = ({"name": "pickscore", "path": "shapes-pickscore", "output": "cosine", "label": "reward"} if learned
+              else {"name": "shapes-judge", "label": "reward"})  # fmt: skip
     data = {"stage": "pairs", "seed": recipe.seed, "device": recipe.device, "output_dir": str(folder / "sampled"),
             "model": {"pretrained": recipe.model, "dtype": "float32"}, "prompts": {"path": str(prompts)},
             "sampling": {"images_per_prompt": p.images_per_caption, "num_inference_steps": p.num_inference_steps,
                          "guidance_scale": p.guidance_scale, "batch_size": p.batch_size},
-            "rewards": [{"name": "shapes-judge", "label": "judge"}], "pairing": {"strategy": "best_worst"},
+            "rewards": [reward], "pairing": {"strategy": "best_worst"},
             "reward_batch_size": p.batch_size, "logging": {"progress": recipe.logging.progress}}  # fmt: skip
     _execute("pairs", data, run_pairs, resume_ok)
     table = pq.read_table(folder / "sampled" / "pairs.parquet").to_pylist()
@@ -158,28 +165,33 @@ def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
         r0, r1 = float(labels.reward_a[i]), float(labels.reward_b[i])
         judge_winner = 0 if r0 >= r1 else 1
         rw, rl = (r0, r1) if judge_winner == 0 else (r1, r0)
+        # the judge's p: the softmax of the two scores, already on [0, 1] (min-max normalisation is the identity)
+        judge_p = float(1.0 / (1.0 + math.exp(-(rw - rl))))
         rows.append({
             "image_0": str(files[i][0].resolve()), "image_1": str(files[i][1].resolve()),
             "prompt": c.text, "skill": c.skill, "label": float(labels.labels[i]),
             "true_p0": float(labels.true_preference[i]), "annotator": DEFAULT_POPULATION.annotators[labels.annotator[i]].name,
             "human_winner": human_winner, "human_p": 1.0,
-            "judge_score_0": r0, "judge_score_1": r1, "judge_winner": judge_winner,
-            # SmPO's p: the softmax of the two scores, already on [0, 1] (min-max normalisation is the identity)
-            "judge_p": float(1.0 / (1.0 + math.exp(-(rw - rl)))),
+            "judge_score_0": r0, "judge_score_1": r1, "judge_winner": judge_winner, "judge_p": judge_p,
+            # pairs.reward's winner and p as smpo pairs wrote them (the judge's own when it is the reward)
+            "reward_winner": int(table[i]["reward_winner"]) if learned else judge_winner,
+            "reward_p": float(table[i]["reward_p"]) if learned else judge_p,
             "correct_0": bool(va[i].correct), "correct_1": bool(vb[i].correct), "smpo_row": i,
         })  # fmt: skip
     write_text(folder / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     true_winner = np.array([0 if r["true_p0"] >= 0.5 else 1 for r in rows])
     decided = np.array([r["judge_score_0"] != r["judge_score_1"] for r in rows])
+    agree = lambda key, keep: float(np.mean([r[key] == t for r, t, k in zip(rows, true_winner, keep, strict=True) if k]))  # noqa: E731
+    everywhere = np.ones(len(rows), dtype=bool)
     return {
         "pairs": len(rows),
-        "reward_ties": int((~decided).sum()),
-        "label_agreement": {
-            # how often each label source names the population's preferred image
-            "human_vote": float(np.mean([r["human_winner"] == t for r, t in zip(rows, true_winner, strict=True)])),
-            "judge_when_decided": float(np.mean([r["judge_winner"] == t for r, t, d in zip(rows, true_winner, decided, strict=True) if d]))
-            if decided.any() else float("nan"),
-        },  # fmt: skip
+        "reward": p.reward,
+        "reward_ties": int((~decided).sum()),  # pairs the judge cannot tell apart
+        "label_agreement": {  # how often each label source names the population's preferred image
+            "human_vote": agree("human_winner", everywhere),
+            "reward": agree("reward_winner", everywhere),
+            "judge_when_decided": agree("judge_winner", decided) if decided.any() else float("nan"),
+        },
         "base_pair_accuracy": float(np.mean([v.correct for v in verdicts])),
     }
 
@@ -211,11 +223,14 @@ def train_arm(recipe: ShapesBenchRecipe, arm: ShapesMethodSpec, seed: int, out: 
     t = recipe.train
     data = {"stage": "train", "seed": seed, "device": recipe.device, "output_dir": str(run_dir),
             "model": {"pretrained": recipe.model, "dtype": "float32"},
-            "data": {"path": str(out / "pairs" / "pairs.jsonl"), "reward": "human" if arm.labels == "human" else "judge",
-                     "labels": arm.labels, "resolution": 32, "num_workers": 0, "empty_prompt_prob": 0.0},
+            # the columns of pairs.jsonl: human_* (the vote), reward_* (pairs.reward), judge_* (the ablation)
+            "data": {"path": str(out / "pairs" / "pairs.jsonl"), "reward": arm.labels,
+                     "labels": "human" if arm.labels == "human" else "reward", "resolution": 32, "num_workers": 0,
+                     "empty_prompt_prob": t.empty_prompt_prob},
             "method": {"name": arm.method, "beta": arm.beta or t.beta, "gamma": t.gamma, "binary_labels": arm.binary_labels},
             "inversion": {"source": arm.inversion, "cache_path": str(out / "cache") if arm.inversion == "cache" else None},
-            "optim": {"name": "adamw", "lr": t.lr, "scale_lr": False, "weight_decay": 0.0, "lr_scheduler": "constant"},
+            "optim": {"name": "adamw", "lr": t.lr, "scale_lr": False, "weight_decay": 0.0,
+                      "lr_scheduler": "constant_with_warmup" if t.warmup_steps else "constant", "warmup_steps": t.warmup_steps},
             "train": {"batch_size": t.batch_size, "max_steps": t.steps},
             "logging": {"progress": recipe.logging.progress, "log_every_steps": max(1, t.steps // 30)}}  # fmt: skip
     result = _execute("train", data, run_training, lambda r: False)
@@ -239,10 +254,16 @@ def _stratified(pool, n: int, rng: np.random.Generator) -> list:
 
 
 def eval_captions(recipe: ShapesBenchRecipe):
-    """GenEval-form captions, stratified by skill: held-out ones, then training ones (deterministic by seed)."""
+    """GenEval-form captions, stratified by skill: held-out ones, then training ones (deterministic by seed).
+    The balanced evaluation (``eval.images_per_skill``) has no held-out part: every skill's training captions,
+    one image per line (``smpo_cli.shapes.evaluation``)."""
+    from smpo_cli.shapes.evaluation import balanced_eval
     from smpo_cli.shapes.world import split_captions
 
     train, heldout = split_captions(recipe.split_seed)
+    if recipe.eval.images_per_skill:
+        geneval = [c for c in train if c.geneval_form]
+        return [], balanced_eval(geneval, recipe.eval.images_per_skill, recipe.eval.max_captions_per_skill)
     rng = np.random.default_rng([recipe.seed, 2])
     held = _stratified([c for c in heldout if c.geneval_form], recipe.eval.heldout_captions, rng)
     seen = _stratified([c for c in train if c.geneval_form], recipe.eval.train_captions, rng)
@@ -276,7 +297,7 @@ def evaluate_model(recipe: ShapesBenchRecipe, model: str, name: str, out: Path, 
 
     held, seen = eval_captions(recipe)
     captions = held + seen
-    k = recipe.eval.images_per_caption
+    k = 1 if recipe.eval.images_per_skill else recipe.eval.images_per_caption
     folder = out / "eval"
     prompts = folder / "captions.txt"
     write_text(prompts, "".join(c.text + "\n" for c in captions))
@@ -301,7 +322,38 @@ def evaluate_model(recipe: ShapesBenchRecipe, model: str, name: str, out: Path, 
     return row, verdicts
 
 
+def paired_changes(recipe: ShapesBenchRecipe, captions: list, base: np.ndarray, correct: dict[str, list[np.ndarray]]):
+    """Every arm - base and every arm - arm (in recipe order) on the balanced evaluation: each image's correctness
+    averaged over the training seeds, a bootstrap stratified by skill, and the per-seed changes."""
+    from smpo_cli.shapes.evaluation import eval_groups_of, paired_change
+    from smpo_cli.shapes.world import split_captions
+
+    train, _ = split_captions(recipe.split_seed)
+    groups = eval_groups_of(captions, [c for c in train if c.geneval_form])
+    skills = np.array([c.skill for c in captions])
+    names = [a.name for a in recipe.arms]
+    return {"eval_images": int(base.size),
+            "arms": {a: paired_change(correct[a], base, skills, groups) for a in names},
+            "comparisons": {f"{a} - {b}": paired_change(correct[a], correct[b], skills, groups)
+                            for i, a in enumerate(names) for b in names[i + 1 :]}}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ driver
+def _train_and_evaluate(recipe: ShapesBenchRecipe, arm: ShapesMethodSpec, seed: int, out: Path, base_verdicts, probe: list[str],
+                        base_noise, threads: int | None) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+    """One run: train (or reuse), sample the evaluation, judge it; its row and each image's correctness."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    logger.info("shapes bench: training %s, seed %d", arm.name, seed)
+    trained = train_arm(recipe, arm, seed, out)
+    row, verdicts = evaluate_model(recipe, trained["model_path"], f"{arm.name}-s{seed}", out, base_verdicts)
+    row.update(arm=arm.name, seed=seed, seconds=trained["seconds"], final_loss=trained["final_loss"],
+               distance=float((noise_predictions(trained["model_path"], probe, recipe.seed) - base_noise).pow(2).mean()))  # fmt: skip
+    return row, np.array([v.correct for v in verdicts], dtype=float)
+
+
 def run_shapes_bench(recipe: ShapesBenchRecipe) -> ShapesBenchResult:
     from smpo_cli.shapes.report import write_curves, write_grid, write_markdown, write_over_optimisation
 
@@ -315,17 +367,23 @@ def run_shapes_bench(recipe: ShapesBenchRecipe) -> ShapesBenchResult:
         invert_pairs(recipe, out)
     base_row, base_verdicts = evaluate_model(recipe, recipe.model, "base", out)
     held, seen = eval_captions(recipe)
-    probe = [c.text for c in held + seen]  # the captions of the distance probe
+    probe = list(dict.fromkeys(c.text for c in held + seen))  # the captions of the distance probe
     base_noise = noise_predictions(recipe.model, probe, recipe.seed)
-    runs = []
-    for arm in recipe.arms:
-        for seed in recipe.train.seeds:
-            logger.info("shapes bench: training %s, seed %d", arm.name, seed)
-            trained = train_arm(recipe, arm, seed, out)
-            row, _ = evaluate_model(recipe, trained["model_path"], f"{arm.name}-s{seed}", out, base_verdicts)
-            row.update(arm=arm.name, seed=seed, seconds=trained["seconds"], final_loss=trained["final_loss"],
-                       distance=float((noise_predictions(trained["model_path"], probe, recipe.seed) - base_noise).pow(2).mean()))  # fmt: skip
-            runs.append(row)
+    jobs = [(arm, seed) for arm in recipe.arms for seed in recipe.train.seeds]
+    shared = (out, base_verdicts, probe, base_noise)
+    if recipe.workers > 1 and len(jobs) > 1:  # independent runs in parallel one-thread processes
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        quiet = recipe.model_copy(update={"logging": recipe.logging.model_copy(update={"progress": False})})
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+        with ProcessPoolExecutor(min(recipe.workers, len(jobs)), mp_context=context) as pool:
+            done = list(pool.map(_train_and_evaluate, *zip(*[(quiet, arm, seed, *shared, 1) for arm, seed in jobs], strict=True)))
+    else:
+        done = [_train_and_evaluate(recipe, arm, seed, *shared, None) for arm, seed in jobs]
+    runs, correct = [row for row, _ in done], {}
+    for (arm, _), (_, ok) in zip(jobs, done, strict=True):
+        correct.setdefault(arm.name, []).append(ok)
     arms = {}
     for arm in recipe.arms:
         mine = [r for r in runs if r["arm"] == arm.name]
@@ -333,8 +391,11 @@ def run_shapes_bench(recipe: ShapesBenchRecipe) -> ShapesBenchResult:
         skills = sorted({s for r in mine for s in r["skills"]})
         summary["skills"] = {s: mean_ci([r["skills"].get(s) for r in mine]) for s in skills}
         arms[arm.name] = summary
+    paired = {}
+    if recipe.eval.images_per_skill:  # seed-paired changes with bootstrap intervals (GenEval-balanced)
+        paired = paired_changes(recipe, seen, np.array([v.correct for v in base_verdicts], dtype=float), correct)
     result = ShapesBenchResult(str(out), pair_stats["pairs"], pair_stats["reward_ties"], pair_stats["label_agreement"],
-                               base_row, arms, runs, round(time.perf_counter() - started, 1))  # fmt: skip
+                               base_row, arms, runs, round(time.perf_counter() - started, 1), paired)  # fmt: skip
     write_json(out / "results.json", {**result.to_dict(), "pair_stats": pair_stats,
                                       "recipe": recipe.model_dump(mode="json")})  # fmt: skip
     write_text(out / "results.md", write_markdown(result, recipe))

@@ -40,7 +40,10 @@ def write_markdown(result, recipe) -> str:
         f"{result.pairs} pairs from `{recipe.model}` ({result.reward_ties} with equal judge scores); "
         f"every arm: {t.steps} steps x {t.batch_size} pairs, lr {t.lr:g}, beta {t.beta:g}, gamma {t.gamma:g}, "
         f"seeds {t.seeds}. Means over seeds ± the 95% t-interval half-width; accuracies in percent.",
-        f"Human labels name the population's preferred image in {_pct(result.label_agreement['human_vote'])} of pairs; "
+        f"Pairs: best vs worst of {recipe.pairs.images_per_caption} samples at guidance {recipe.pairs.guidance_scale:g} by "
+        f"`{recipe.pairs.reward}`. Human labels name the population's preferred image in "
+        f"{_pct(result.label_agreement['human_vote'])} of pairs; the reward in "
+        f"{_pct(result.label_agreement.get('reward', float('nan')))}; "
         f"the judge (where its scores differ) in {_pct(result.label_agreement['judge_when_decided'])}.", "",
         "| arm | accuracy | held-out acc. | score | true pref. vs base | win rate vs base | distance | s / run |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -56,6 +59,14 @@ def write_markdown(result, recipe) -> str:
               "| base | " + " | ".join(f"{100 * base['skills'][s]:.1f}" for s in skills) + " |"]  # fmt: skip
     for name, m in result.arms.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(m["skills"].get(s)) for s in skills) + " |")
+    if result.paired:
+        ci = lambda d: f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"  # noqa: E731
+        seeds = lambda d: ", ".join(f"{100 * x:+.1f}" for x in d["per_seed"])  # noqa: E731
+        lines += ["", f"GenEval-balanced changes in points, paired by seed on {result.paired['eval_images']} images per model "
+                  "(each image averaged over the training seeds; 95% bootstrap interval stratified by skill):", "",
+                  "| comparison | change [95% CI] | per seed |", "| --- | --- | --- |"]  # fmt: skip
+        lines += [f"| {a} - base | {ci(d)} | {seeds(d)} |" for a, d in result.paired["arms"].items()]
+        lines += [f"| {pair} | {ci(d)} | {seeds(d)} |" for pair, d in result.paired["comparisons"].items()]
     lines += ["", "distance: mean squared difference of the UNet's noise predictions from the base model's (a KL proxy); "
               "true pref. vs base: the annotator population's probability of preferring the model's image to the base "
               "model's image of the same seed and caption."]  # fmt: skip

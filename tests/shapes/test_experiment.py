@@ -64,6 +64,7 @@ def test_experiment_runs_every_arm_and_reports(tmp_path, capsys, tiny_base):
         resolved = (out / "runs" / f"{name}-s0" / "recipe.resolved.yaml").read_text()
         assert "source: cache" in resolved and "max_steps: 2" in resolved
     assert "reward: human" in (out / "runs" / "dpo-s0" / "recipe.resolved.yaml").read_text()
+    assert "reward: reward" in (out / "runs" / "smpo-s0" / "recipe.resolved.yaml").read_text()
     for png in ("curves.png", "over_optimisation.png", "grid.png"):
         assert (out / png).stat().st_size > 1000
     md = (out / "results.md").read_text()
@@ -77,8 +78,35 @@ def test_experiment_runs_every_arm_and_reports(tmp_path, capsys, tiny_base):
     assert "other settings (train.steps)" in capsys.readouterr().err
 
 
+def _image_scores(folder):
+    return {json.loads(x)["file"]: json.loads(x)["reward"]
+            for x in (folder / "pairs" / "sampled" / "image_scores.jsonl").read_text().splitlines()}  # fmt: skip
+
+
 def test_experiment_pairs_come_from_smpo_pairs_best_and_worst_of_n(tmp_path, tiny_base):
-    """pairs.images_per_caption=4: smpo pairs samples 4 per caption and the pair is the judge's best and worst."""
+    """pairs.images_per_caption=4, pairs.reward=shapes-judge: smpo pairs samples 4 per caption and the pair is the
+    judge's best and worst; the reward columns are then the judge's."""
+    from smpo_cli.config.schema import ShapesBenchRecipe
+    from smpo_cli.shapes.experiment import make_pairs
+
+    recipe = ShapesBenchRecipe.model_validate({
+        "output_dir": str(tmp_path), "model": tiny_base, "device": "cpu",
+        "pairs": {"count": 6, "images_per_caption": 4, "num_inference_steps": 2, "batch_size": 8, "reward": "shapes-judge"},
+        "logging": {"progress": False}})  # fmt: skip
+    stats = make_pairs(recipe, tmp_path)
+    assert stats["pairs"] == 6 and stats["reward"] == "shapes-judge"
+    scores = _image_scores(tmp_path)
+    for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        mine = [v for f, v in scores.items() if f.startswith(f"samples/images/{row['image_0'].split('/')[-1][:5]}_")]
+        assert len(mine) == 4
+        assert sorted((row["judge_score_0"], row["judge_score_1"])) == pytest.approx([min(mine), max(mine)], abs=1e-6)
+        assert (row["reward_winner"], row["reward_p"]) == (row["judge_winner"], row["judge_p"])
+
+
+def test_experiment_pairs_are_picked_and_labelled_by_the_learned_reward(tmp_path, tiny_base):
+    """The default pairs.reward=shapes-pickscore: best vs worst of 4 by the learned reward's cosine, whose winner
+    and p (not the judge's) the reward arms train on; the judge still scores both images for the ablation."""
     from smpo_cli.config.schema import ShapesBenchRecipe
     from smpo_cli.shapes.experiment import make_pairs
 
@@ -87,11 +115,45 @@ def test_experiment_pairs_come_from_smpo_pairs_best_and_worst_of_n(tmp_path, tin
         "pairs": {"count": 6, "images_per_caption": 4, "num_inference_steps": 2, "batch_size": 8},
         "logging": {"progress": False}})  # fmt: skip
     stats = make_pairs(recipe, tmp_path)
-    assert stats["pairs"] == 6
-    scores = {json.loads(x)["file"]: json.loads(x)["judge"]
-              for x in (tmp_path / "pairs" / "sampled" / "image_scores.jsonl").read_text().splitlines()}  # fmt: skip
+    assert stats["reward"] == "shapes-pickscore" and 0.0 <= stats["label_agreement"]["reward"] <= 1.0
+    scores = _image_scores(tmp_path)
     for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines():
         row = json.loads(line)
+        stem = lambda path: "samples/images/" + path.split("/")[-1]  # noqa: E731
         mine = [v for f, v in scores.items() if f.startswith(f"samples/images/{row['image_0'].split('/')[-1][:5]}_")]
-        assert len(mine) == 4
-        assert sorted((row["judge_score_0"], row["judge_score_1"])) == pytest.approx([min(mine), max(mine)], abs=1e-6)
+        pair = [scores[stem(row["image_0"])], scores[stem(row["image_1"])]]
+        assert sorted(pair) == pytest.approx([min(mine), max(mine)], abs=1e-6)  # best and worst by the reward
+        assert row["reward_winner"] == (0 if pair[0] > pair[1] else 1)
+        assert 0.5 <= row["reward_p"] <= 1.0
+        assert {"judge_score_0", "judge_winner", "human_winner"} <= set(row)
+
+
+def test_balanced_experiment_reports_seed_paired_intervals(tmp_path, capsys, tiny_base):
+    """eval.images_per_skill > 0: every model samples the same balanced captions with the same seeds, and the
+    results hold each arm - base and arm - arm with a bootstrap interval and the per-seed changes."""
+    out = tmp_path / "exp"
+    args = ["-q", "shapes", "run", "-o", str(out), f"model={tiny_base}", "pairs.count=6", "pairs.images_per_caption=3",
+            "pairs.num_inference_steps=2", "pairs.guidance_scale=2", "eval.guidance_scale=4", "train.steps=2",
+            "train.warmup_steps=1", "train.empty_prompt_prob=0.1", "train.batch_size=4", "train.seeds=[0,1]",
+            "eval.images_per_skill=3", "eval.max_captions_per_skill=2", "workers=2",
+            "arms=[{name: smpo, method: smpo, labels: reward}, {name: dpo, method: dpo, labels: human, beta: 5000}]",
+            "--json"]  # fmt: skip
+    assert run(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    paired = result["paired"]
+    assert paired["eval_images"] == 18 and set(paired["arms"]) == {"smpo", "dpo"} and set(paired["comparisons"]) == {"smpo - dpo"}
+    for d in [*paired["arms"].values(), *paired["comparisons"].values()]:
+        assert d["ci95"][0] <= d["mean"] <= d["ci95"][1] and len(d["per_seed"]) == 2
+    captions = (out / "eval" / "captions.txt").read_text().splitlines()
+    assert len(captions) == 18 and len(list((out / "eval" / "base" / "images").glob("*.png"))) == 18
+    resolved = (out / "runs" / "smpo-s0" / "recipe.resolved.yaml").read_text()
+    assert "reward: reward" in resolved and "warmup_steps: 1" in resolved and "empty_prompt_prob: 0.1" in resolved
+    assert "guidance_scale: 4.0" in (out / "eval" / "base" / "recipe.resolved.yaml").read_text()
+    assert "guidance_scale: 2.0" in (out / "pairs" / "sampled" / "recipe.resolved.yaml").read_text()
+    assert "| smpo - dpo |" in (out / "results.md").read_text()
+    # the runs went to 2 one-thread processes and came back in recipe order
+    assert [(r["arm"], r["seed"]) for r in result["runs"]] == [("smpo", 0), ("smpo", 1), ("dpo", 0), ("dpo", 1)]
+    # a rerun with another number of workers resumes: workers do not change what is computed
+    assert run([*args[:-1], "workers=1", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in result["runs"]]
