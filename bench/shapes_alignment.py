@@ -9,8 +9,9 @@ and a learned reward.
    "human label" Diffusion-DPO trains on, written as the ``votes_winner`` / ``votes_p`` columns;
 3. ``smpo train`` for each arm of ``--arms``, same pairs, steps, batch and learning rate: ``smpo_inv``
    (shapes-pickscore's smoothed p, trained from the ReNoise inversion cache ``smpo invert`` builds),
-   ``smpo`` (the same p, random noise), ``smpo_binary`` (the same winner, p = 1) and ``dpo`` (the votes), with
-   the paper's SD1.5 temperatures (SmPO beta 2000 and gamma 10, DPO beta 5000); ``--seed`` trains another seed
+   ``smpo`` (the same p, random noise), ``smpo_binary`` (the same winner, p = 1), ``smpo_official`` (the same
+   p, x_t from the official code's inversion: online by the policy on its 5-step grid, with its noise-level
+   mismatch), ``dpo`` (the votes) and ``sft_votes`` (SFT on the voted winners), with the paper's SD1.5 temperatures (SmPO beta 2000 and gamma 10, DPO beta 5000); ``--seed`` trains another seed
    on the same pairs and evaluation;
 4. every model samples the same evaluation captions with the same seeds (``--eval balanced``: GenEval's mean
    over six skills, 256 images each); the judge reads every image; differences from the base and between arms
@@ -40,15 +41,21 @@ from shapes_controls import generate, judged, smpo, write_captions  # noqa: E402
 from smpo_cli.shapes.evaluation import balanced_eval, eval_groups_of  # noqa: E402
 
 BASE = "shapes-sd15-miscaptioned-clip"  # partners stay apart in its frozen text encoder (README)
-ARMS = {  # name: (method, data.reward, binary labels, beta, ReNoise cache): the paper's SD1.5 temperatures (SmPO gamma 10)
-    "smpo_inv": ("smpo", "pickscore", False, 2000.0, True),
-    "smpo": ("smpo", "pickscore", False, 2000.0, False),
-    "smpo_binary": ("smpo", "pickscore", True, 2000.0, False),
-    "dpo": ("dpo", "votes", False, 5000.0, False),
-    "sft_votes": ("sft", "votes", False, None, False),  # SFT on the voted winners (no temperature)
+ARMS = {  # name: (method, data.reward, binary labels, beta, x_t): the paper's SD1.5 temperatures (SmPO gamma 10)
+    "smpo_inv": ("smpo", "pickscore", False, 2000.0, "cache"),  # smpo's ReNoise inversion, from `smpo invert`'s cache
+    "smpo": ("smpo", "pickscore", False, 2000.0, "noise"),
+    "smpo_binary": ("smpo", "pickscore", True, 2000.0, "noise"),
+    "dpo": ("dpo", "votes", False, 5000.0, "noise"),
+    "sft_votes": ("sft", "votes", False, None, "noise"),  # SFT on the voted winners (no temperature)
+    # the official code's inversion: online by the policy, its 5-step SD1.5 grid and its timestep handling
+    # (diffusers 0.20.0, as pinned: inverts to the grid level at or above t, the noise-level mismatch)
+    "smpo_official": ("smpo", "pickscore", False, 2000.0, "official"),
 }
+X_T = {"cache": None, "noise": ["inversion.source=none"],
+       "official": ["inversion.source=online", "inversion.timestep_mode=official", "inversion.model=policy",
+                    "inversion.num_steps=5", "inversion.renoise_iterations=1", "inversion.average_window=2"]}  # fmt: skip
 COMPARISONS = (("smpo_inv", "dpo"), ("smpo", "dpo"), ("smpo_inv", "smpo"), ("smpo", "smpo_binary"), ("smpo_inv", "sft_votes"),
-               ("dpo", "sft_votes"))
+               ("dpo", "sft_votes"), ("smpo_inv", "smpo_official"), ("smpo_official", "dpo"))
 
 
 def invert_pairs(base: str, out: Path) -> None:
@@ -63,9 +70,9 @@ def train_arm(out: Path, folder: Path, arm: str, *, base: str, lr: float, steps:
               beta: float | None = None, checkpoint_every: int | None = None) -> None:
     """``smpo train`` of one arm on the pairs in ``out`` (16 pairs a step, constant lr after steps/8 of warm-up)
     into ``folder``; ``beta`` overrides the arm's temperature, ``checkpoint_every`` keeps every checkpoint."""
-    method, reward, binary, arm_beta, inverted = ARMS[arm]
+    method, reward, binary, arm_beta, x_t = ARMS[arm]
     beta = arm_beta if beta is None else beta
-    inversion = ["inversion.source=cache", f"inversion.cache_path={out / 'cache'}"] if inverted else ["inversion.source=none"]
+    inversion = X_T[x_t] or ["inversion.source=cache", f"inversion.cache_path={out / 'cache'}"]
     checkpoints = (["train.checkpoint_every_steps=null"] if checkpoint_every is None else
                    [f"train.checkpoint_every_steps={checkpoint_every}", f"train.keep_checkpoints={max(1, steps // checkpoint_every)}"])  # fmt: skip
     smpo("train", "--recipe", "tiny_dpo_cpu", "-o", str(folder), "--overwrite",
@@ -224,7 +231,7 @@ def main() -> None:
         jobs[1].result()
     pair_stats = json.loads((out / "pairs_stats.json").read_text())["stats"]
     summary = json.loads((out / "pairs" / "summary.json").read_text())["summary"]["pickscore"]
-    if any(ARMS[a][4] for a in arms):
+    if any(ARMS[a][4] == "cache" for a in arms):
         invert_pairs(args.base, out)
 
     def arm_dir(arm: str) -> Path:

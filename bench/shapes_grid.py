@@ -129,7 +129,7 @@ def main() -> None:
                 ex.submit(generate, args.base, test_file, out / "eval_balanced_base", 1, 1000, 4.0)]  # fmt: skip
         pairs_key = jobs[0].result()
         [j.result() for j in jobs[1:]]
-    if any(ARMS[a][4] for a in arms):
+    if any(ARMS[a][4] == "cache" for a in arms):
         invert_pairs(args.base, out)
 
     def sample(folder: Path, captions: Path, seed: int, model: Path, unet: Path | None = None) -> None:
