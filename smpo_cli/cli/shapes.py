@@ -80,7 +80,8 @@ def reward(
 
 
 EPILOG_RUN = (
-    "Examples:\n\n  smpo shapes run --recipe shapes_experiment_cpu -o runs/shapes/experiment\n\n"
+    "Examples:\n\n  smpo shapes run --recipe shapes_alignment_cpu   (SmPO vs DPO with the learned reward, paired intervals)\n\n"
+    "  smpo shapes run --recipe shapes_experiment_cpu -o runs/shapes/experiment\n\n"
     "  smpo bench shapes --recipe shapes_experiment_cpu train.seeds=[0] pairs.count=256   (a quick look)\n\n"
     "  smpo shapes run --recipe shapes_experiment_cpu pairs.reward_noise_std=0.1   (an imperfect reward model)"
 )
@@ -96,8 +97,8 @@ def run_experiment(
 ) -> None:
     """SmPO vs Diffusion-DPO and ablations on the same pairs and budget, several seeds, with error bars.
 
-    Samples pairs from the base model, labels them with simulated annotators, trains every arm with
-    smpo train, evaluates on held-out and training captions with the exact judge, and writes
+    Samples pairs from the base model (best vs worst by pairs.reward), adds simulated annotators' votes, trains
+    every arm with smpo train (workers at a time), evaluates with the exact judge, and writes
     results.json, results.md, curves.png, over_optimisation.png and grid.png. A rerun resumes.
     """
     from smpo_cli.shapes.experiment import resume_ok, run_shapes_bench
