@@ -47,7 +47,7 @@ def write_markdown(result, recipe) -> str:
         f"the judge (where its scores differ) in {_pct(result.label_agreement['judge_when_decided'])}.", "",
         "| arm | accuracy | held-out acc. | score | true pref. vs base | win rate vs base | distance | s / run |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| base | {100 * base['accuracy']:.1f} | {100 * (base['heldout_accuracy'] or 0):.1f} | {base['score']:.3f} | 50.0 | 50.0 | 0 | - |",
+        f"| base | {100 * base['accuracy']:.1f} | {_fmt({'mean': base['heldout_accuracy']})} | {base['score']:.3f} | 50.0 | 50.0 | 0 | - |",
     ]  # fmt: skip
     for name, m in result.arms.items():
         lines.append(f"| {name} | {_fmt(m['accuracy'])} | {_fmt(m['heldout_accuracy'])} | {_fmt(m['score'], False)} | "
