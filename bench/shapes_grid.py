@@ -22,6 +22,7 @@ testbed (bench/shapes_alignment.py makes the pairs, the votes and the inversion 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes_alignment import ARMS, BASE, invert_pairs, prepare_pairs, train_arm  # noqa: E402
 from shapes_controls import generate, judged, write_captions  # noqa: E402
 
-from smpo_cli.shapes.evaluation import balanced_eval, eval_groups_of  # noqa: E402
+from smpo_cli.shapes.evaluation import balanced_eval, balanced_score, eval_groups_of  # noqa: E402
 
 GRID = {  # arm: (lr, beta) points; the centres are bench/shapes_alignment.py's settings (the paper's SD1.5 betas)
     "smpo_inv": [(5e-5, 2000.0), (2.5e-5, 2000.0), (1e-4, 2000.0), (5e-5, 1000.0), (5e-5, 4000.0)],
@@ -76,14 +77,21 @@ def unet_distance(unet_file: Path, base_unet: dict) -> float:
     return float(sum(((tuned[k].double() - v.double()) ** 2).sum() for k, v in base_unet.items()) ** 0.5)
 
 
+@functools.cache
+def shapes_pickscore():
+    """The learned reward, loaded once for every curve point."""
+    from smpo_cli.rewards import load_reward
+
+    return load_reward("pickscore", "shapes-pickscore")
+
+
 def mean_reward(folder: Path, captions: list) -> float:
     """Mean shapes-pickscore of a sample folder's images against their captions (the reward the methods see)."""
     from PIL import Image
 
-    from smpo_cli.rewards import load_reward
     from smpo_cli.shapes.experiment import read_images
 
-    reward = load_reward("pickscore", "shapes-pickscore")
+    reward = shapes_pickscore()
     images = [Image.fromarray(a) for a in read_images(folder, len(captions), 1)]
     return float(reward.score(images, [c.text for c in captions])["score"].mean())
 
@@ -168,7 +176,7 @@ def main() -> None:
     val_skills, test_skills = np.array([c.skill for c in vals]), np.array([c.skill for c in tests])
     val_groups, test_groups = eval_groups_of(vals, geneval), eval_groups_of(tests, geneval)
     correct = lambda folder, caps: np.array([v.correct for v in judged(folder, caps, 1)], dtype=float)  # noqa: E731
-    score = lambda ok, skills: float(np.mean([ok[skills == s].mean() for s in sorted(set(skills))]))  # noqa: E731
+    score = balanced_score
     val_base, test_base = correct(grid_dir / "val_base", vals), correct(out / "eval_balanced_base", tests)
     chosen: dict[str, tuple[float, float | None]] = {}
     grid_rows: dict[str, list[dict]] = {}
