@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes_alignment import ARMS, BASE, invert_pairs, prepare_pairs, train_arm  # noqa: E402
 from shapes_controls import generate, judged, write_captions  # noqa: E402
 
-from smpo_cli.shapes.evaluation import balanced_eval, balanced_score, eval_groups_of  # noqa: E402
+from smpo_cli.shapes.evaluation import balanced_eval, balanced_score, eval_groups_of, paired_change  # noqa: E402
 
 GRID = {  # arm: (lr, beta) points; the centres are bench/shapes_alignment.py's settings (the paper's SD1.5 betas)
     "smpo_inv": [(5e-5, 2000.0), (2.5e-5, 2000.0), (1e-4, 2000.0), (5e-5, 1000.0), (5e-5, 4000.0)],
@@ -233,15 +233,12 @@ def main() -> None:
         per_seed[arm] = [correct(grid_dir / (name + ("" if s == 0 else f"-s{s}")) / "test", tests) for s in TEST_SEEDS]
     mean = {a: np.mean(v, axis=0) for a, v in per_seed.items()}
     for a, oks in per_seed.items():
-        result["arms"][a] = {"accuracy": score(mean[a], test_skills),
-                             "change": paired_bootstrap_task_mean(mean[a], test_base, test_skills, test_groups),
-                             "per_seed_change": [score(x, test_skills) - score(test_base, test_skills) for x in oks],
+        change = paired_change(oks, test_base, test_skills, test_groups)
+        result["arms"][a] = {"accuracy": score(mean[a], test_skills), "change": change, "per_seed_change": change["per_seed"],
                              "skills": {s: float(mean[a][test_skills == s].mean()) for s in sorted(set(test_skills))}}  # fmt: skip
     for a, b in COMPARISONS:
         if a in mean and b in mean:
-            result["comparisons"][f"{a} - {b}"] = {
-                **paired_bootstrap_task_mean(mean[a], mean[b], test_skills, test_groups),
-                "per_seed": [score(x, test_skills) - score(y, test_skills) for x, y in zip(per_seed[a], per_seed[b], strict=True)]}  # fmt: skip
+            result["comparisons"][f"{a} - {b}"] = paired_change(per_seed[a], per_seed[b], test_skills, test_groups)
     result["seconds"] = round(time.perf_counter() - started, 1)
     (out / "results-grid.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result) if args.json else format_result(result))
