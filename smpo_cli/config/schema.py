@@ -860,6 +860,8 @@ class ShapesMethodSpec(Block):
     inversion: Literal["cache", "none"] = Field("none", description="cache: SmPO's ReNoise trajectory | none: random noise.")
     binary_labels: bool = Field(False, description="SmPO with p = 1 (no smoothing).")
     beta: float | None = Field(None, gt=0, description="null: the experiment's train.beta.")
+    lr: float | None = Field(None, gt=0, description="null: the experiment's train.lr (each method's own, as chosen on "
+                             "a validation split: bench/shapes_grid.py).")
 
 
 def _default_arms() -> list[ShapesMethodSpec]:

@@ -229,7 +229,7 @@ def train_arm(recipe: ShapesBenchRecipe, arm: ShapesMethodSpec, seed: int, out: 
                      "empty_prompt_prob": t.empty_prompt_prob},
             "method": {"name": arm.method, "beta": arm.beta or t.beta, "gamma": t.gamma, "binary_labels": arm.binary_labels},
             "inversion": {"source": arm.inversion, "cache_path": str(out / "cache") if arm.inversion == "cache" else None},
-            "optim": {"name": "adamw", "lr": t.lr, "scale_lr": False, "weight_decay": 0.0,
+            "optim": {"name": "adamw", "lr": arm.lr or t.lr, "scale_lr": False, "weight_decay": 0.0,
                       "lr_scheduler": "constant_with_warmup" if t.warmup_steps else "constant", "warmup_steps": t.warmup_steps},
             "train": {"batch_size": t.batch_size, "max_steps": t.steps},
             "logging": {"progress": recipe.logging.progress, "log_every_steps": max(1, t.steps // 30)}}  # fmt: skip

@@ -32,6 +32,16 @@ def _pct(value: float | None) -> str:
     return "-" if value is None or not np.isfinite(value) else f"{100 * value:.1f}%"
 
 
+def _arm_overrides(recipe) -> str:
+    """'; dpo: lr 2.5e-05' for every arm whose lr or beta differs from train's (its own tuned settings)."""
+    parts = []
+    for arm in recipe.arms:
+        own = [f"{key} {value:g}" for key, value in (("lr", arm.lr), ("beta", arm.beta)) if value is not None]
+        if own:
+            parts.append(f"{arm.name}: {', '.join(own)}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def write_markdown(result, recipe) -> str:
     base = result.base
     t = recipe.train
@@ -39,7 +49,7 @@ def write_markdown(result, recipe) -> str:
         "# Shapes testbed: SmPO vs Diffusion-DPO", "",
         f"{result.pairs} pairs from `{recipe.model}` ({result.reward_ties} with equal judge scores); "
         f"every arm: {t.steps} steps x {t.batch_size} pairs, lr {t.lr:g}, beta {t.beta:g}, gamma {t.gamma:g}, "
-        f"seeds {t.seeds}. Means over seeds ± the 95% t-interval half-width; accuracies in percent.",
+        f"seeds {t.seeds}{_arm_overrides(recipe)}. Means over seeds ± the 95% t-interval half-width; accuracies in percent.",
         f"Pairs: best vs worst of {recipe.pairs.images_per_caption} samples at guidance {recipe.pairs.guidance_scale:g} by "
         f"`{recipe.pairs.reward}`. Human labels name the population's preferred image in "
         f"{_pct(result.label_agreement['human_vote'])} of pairs; the reward in "
