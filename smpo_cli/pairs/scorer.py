@@ -127,7 +127,7 @@ class ChunkScorer:
             return
         first, last = self.chunks[c]
         j0, j1 = first * self.per_prompt, last * self.per_prompt
-        images = [open_image(str(f), f.parent) for f in self.files[j0:j1]]  # decoded once for every reward
+        images = [open_image(f.name, f.parent) for f in self.files[j0:j1]]  # decoded once for every reward
         texts = [self.prompts[j // self.per_prompt] for j in range(j0, j1)]
         with torch.inference_mode():
             for spec in specs:

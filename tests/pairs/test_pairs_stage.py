@@ -63,6 +63,14 @@ def test_a_rerun_resumes_and_reuses_scores_and_changed_sampling_is_refused(tmp_p
     assert run(args + ["sampling.guidance_scale=2"]) == 2  # other samples in the same folder: refused
 
 
+def test_a_relative_output_folder_works(tmp_path, monkeypatch):
+    """-o runs/x from the working directory: the scorer finds the images generation wrote there."""
+    monkeypatch.chdir(tmp_path)
+    assert run(["-q", "pairs", "--recipe", "pairs_tiny_cpu", "-o", "runs/pairs", *FAST, "rewards=[{name: shapes-judge}]"]) == 0
+    table = pq.read_table(tmp_path / "runs" / "pairs" / "pairs.parquet").to_pandas()
+    assert len(table) == 4 and (tmp_path / "runs" / "pairs" / table["image_0"][0]).is_file()
+
+
 def test_bad_recipes_are_one_line_errors(tmp_path, capsys):
     base = ["pairs", "--recipe", "pairs_tiny_cpu", "-o", str(tmp_path / "p"), "--dry-run"]
     assert run(base + ["sampling.images_per_prompt=1"]) == 2

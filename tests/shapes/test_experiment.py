@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,15 +129,18 @@ def test_experiment_pairs_are_picked_and_labelled_by_the_learned_reward(tmp_path
         assert {"judge_score_0", "judge_winner", "human_winner"} <= set(row)
 
 
-def test_balanced_experiment_reports_seed_paired_intervals(tmp_path, capsys, tiny_base):
+def test_balanced_experiment_reports_seed_paired_intervals(tmp_path, capsys, tiny_base, monkeypatch):
     """eval.images_per_skill > 0: every model samples the same balanced captions with the same seeds, and the
-    results hold each arm - base and arm - arm with a bootstrap interval and the per-seed changes."""
-    out = tmp_path / "exp"
+    results hold each arm - base and arm - arm with a bootstrap interval and the per-seed changes. The output
+    folder is relative to the working directory, as a user's -o runs/x is, through every stage."""
+    monkeypatch.chdir(tmp_path)
+    out = Path("runs") / "exp"
     args = ["-q", "shapes", "run", "-o", str(out), f"model={tiny_base}", "pairs.count=6", "pairs.images_per_caption=3",
             "pairs.num_inference_steps=2", "pairs.guidance_scale=2", "eval.guidance_scale=4", "train.steps=2",
             "train.warmup_steps=1", "train.empty_prompt_prob=0.1", "train.batch_size=4", "train.seeds=[0,1]",
             "eval.images_per_skill=3", "eval.max_captions_per_skill=2", "workers=2",
-            "arms=[{name: smpo, method: smpo, labels: reward}, {name: dpo, method: dpo, labels: human, beta: 5000}]",
+            "train.lr=5e-5", "arms=[{name: smpo, method: smpo, labels: reward}, "
+            "{name: dpo, method: dpo, labels: human, lr: 2.5e-5, beta: 5000}]",
             "--json"]  # fmt: skip
     assert run(args) == 0
     result = json.loads(capsys.readouterr().out)
@@ -150,7 +154,12 @@ def test_balanced_experiment_reports_seed_paired_intervals(tmp_path, capsys, tin
     assert "reward: reward" in resolved and "warmup_steps: 1" in resolved and "empty_prompt_prob: 0.1" in resolved
     assert "guidance_scale: 4.0" in (out / "eval" / "base" / "recipe.resolved.yaml").read_text()
     assert "guidance_scale: 2.0" in (out / "pairs" / "sampled" / "recipe.resolved.yaml").read_text()
-    assert "| smpo - dpo |" in (out / "results.md").read_text()
+    # each arm trains at its own lr and beta where it names them, else at train's
+    assert "lr: 5.0e-05" in resolved and "beta: 2000.0" in resolved
+    dpo_resolved = (out / "runs" / "dpo-s0" / "recipe.resolved.yaml").read_text()
+    assert "lr: 2.5e-05" in dpo_resolved and "beta: 5000.0" in dpo_resolved
+    report = (out / "results.md").read_text()
+    assert "| smpo - dpo |" in report and "(dpo: lr 2.5e-05, beta 5000)" in report
     # the runs went to 2 one-thread processes and came back in recipe order
     assert [(r["arm"], r["seed"]) for r in result["runs"]] == [("smpo", 0), ("smpo", 1), ("dpo", 0), ("dpo", 1)]
     # a rerun with another number of workers resumes: workers do not change what is computed
