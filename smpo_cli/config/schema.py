@@ -829,6 +829,9 @@ class ShapesPretrainRecipe(Block):
 
 
 # ----------------------------------------------------------------------------- shapes experiment
+ShapesSkill = Literal["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+
+
 class ShapesPairsSpec(Block):
     """Preference pairs sampled from the base model on training captions, labelled by simulated annotators."""
 
@@ -846,6 +849,17 @@ class ShapesPairsSpec(Block):
     guidance_scale: float = Field(4.0, ge=0, description="Classifier-free guidance when sampling the pairs.")
     reward_noise_std: float = Field(0.0, ge=0, description="Gaussian noise on the judge's score used as the smoothing reward.")
     batch_size: PositiveInt = Field(64, description="Images per sampling forward pass.")
+    skill_weights: dict[ShapesSkill, Annotated[float, Field(ge=0)]] | None = Field(
+        None,
+        description="Relative share of each skill among the pair captions (a skill left out gets none); null: the "
+        "world's uniform mix. results.md lists, per skill, the pairs with one correct image (where the pairs teach).",
+    )
+
+    @model_validator(mode="after")
+    def _some_skill(self) -> ShapesPairsSpec:
+        if self.skill_weights is not None and not any(w > 0 for w in self.skill_weights.values()):
+            raise ValueError("pairs.skill_weights: give at least one skill a weight above 0 (or null for the uniform mix)")
+        return self
 
 
 class ShapesMethodSpec(Block):

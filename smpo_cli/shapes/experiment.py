@@ -54,6 +54,7 @@ class ShapesBenchResult:
     runs: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     paired: dict[str, Any] = field(default_factory=dict)  # the balanced evaluation's paired changes
+    pair_skills: dict[str, dict[str, float]] = field(default_factory=dict)  # pair_skill_stats of the pairs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,7 +136,7 @@ def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
 
     rng = np.random.default_rng([recipe.seed, 1])
     train_captions, _ = split_captions(recipe.split_seed)
-    captions = sample_captions(rng, recipe.pairs.count, pool=train_captions)
+    captions = sample_captions(rng, recipe.pairs.count, pool=train_captions, skill_weights=recipe.pairs.skill_weights)
     folder = out / "pairs"
     folder.mkdir(parents=True, exist_ok=True)
     prompts = folder / "captions.txt"
@@ -193,7 +194,21 @@ def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
             "judge_when_decided": agree("judge_winner", decided) if decided.any() else float("nan"),
         },
         "base_pair_accuracy": float(np.mean([v.correct for v in verdicts])),
+        "skills": pair_skill_stats(rows),
     }
+
+
+def pair_skill_stats(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per skill: its pairs, the share the judge cannot tell apart, and the share with exactly one correct image
+    (the pairs that show the model what is right; both-wrong pairs have no headroom to teach)."""
+    out = {}
+    for skill in sorted({r["skill"] for r in rows}):
+        mine = [r for r in rows if r["skill"] == skill]
+        out[skill] = {"pairs": len(mine),
+                      "judge_ties": float(np.mean([r["judge_score_0"] == r["judge_score_1"] for r in mine])),
+                      "one_correct": float(np.mean([r["correct_0"] != r["correct_1"] for r in mine])),
+                      "both_wrong": float(np.mean([not (r["correct_0"] or r["correct_1"]) for r in mine]))}  # fmt: skip
+    return out
 
 
 def invert_pairs(recipe: ShapesBenchRecipe, out: Path) -> Path:
@@ -395,7 +410,8 @@ def run_shapes_bench(recipe: ShapesBenchRecipe) -> ShapesBenchResult:
     if recipe.eval.images_per_skill:  # seed-paired changes with bootstrap intervals (GenEval-balanced)
         paired = paired_changes(recipe, seen, np.array([v.correct for v in base_verdicts], dtype=float), correct)
     result = ShapesBenchResult(str(out), pair_stats["pairs"], pair_stats["reward_ties"], pair_stats["label_agreement"],
-                               base_row, arms, runs, round(time.perf_counter() - started, 1), paired)  # fmt: skip
+                               base_row, arms, runs, round(time.perf_counter() - started, 1), paired,
+                               pair_stats["skills"])  # fmt: skip
     write_json(out / "results.json", {**result.to_dict(), "pair_stats": pair_stats,
                                       "recipe": recipe.model_dump(mode="json")})  # fmt: skip
     write_text(out / "results.md", write_markdown(result, recipe))

@@ -32,6 +32,10 @@ def _pct(value: float | None) -> str:
     return "-" if value is None or not np.isfinite(value) else f"{100 * value:.1f}%"
 
 
+def _skill_rank(skill: str) -> int:
+    return SKILL_ORDER.index(skill) if skill in SKILL_ORDER else len(SKILL_ORDER)
+
+
 def _arm_overrides(recipe) -> str:
     """'; dpo: lr 2.5e-05' for every arm whose lr or beta differs from train's (its own tuned settings)."""
     parts = []
@@ -64,6 +68,12 @@ def write_markdown(result, recipe) -> str:
                      f"{_fmt(m['true_preference_vs_base'])} | {_fmt(m['win_rate_vs_base'])} | {_fmt(m['distance'], False)} | "
                      f"{_fmt(m['seconds'], False)} |")  # fmt: skip
     skills = [s for s in SKILL_ORDER if s in base["skills"]]
+    if result.pair_skills:
+        lines += ["", "Pairs per skill (one correct: exactly one image of the pair is correct, what the pairs can teach; "
+                  "both wrong: no headroom; `pairs.skill_weights` changes the mix):", "",
+                  "| skill | pairs | one correct | both wrong | judge ties |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines += [f"| {s} | {d['pairs']} | {_pct(d['one_correct'])} | {_pct(d['both_wrong'])} | {_pct(d['judge_ties'])} |"
+                  for s, d in sorted(result.pair_skills.items(), key=lambda kv: _skill_rank(kv[0]))]  # fmt: skip
     lines += ["", "Per-skill accuracy (percent of images judged correct):", "",
               "| arm | " + " | ".join(skills) + " |", "| --- " * (len(skills) + 1) + "|",
               "| base | " + " | ".join(f"{100 * base['skills'][s]:.1f}" for s in skills) + " |"]  # fmt: skip

@@ -69,7 +69,7 @@ def test_experiment_runs_every_arm_and_reports(tmp_path, capsys, tiny_base):
     for png in ("curves.png", "over_optimisation.png", "grid.png"):
         assert (out / png).stat().st_size > 1000
     md = (out / "results.md").read_text()
-    assert "| smpo |" in md and "Per-skill accuracy" in md
+    assert "| smpo |" in md and "Per-skill accuracy" in md and "Pairs per skill" in md
     # a rerun reuses every finished run
     assert run(args) == 0
     again = json.loads(capsys.readouterr().out)
@@ -166,3 +166,37 @@ def test_balanced_experiment_reports_seed_paired_intervals(tmp_path, capsys, tin
     assert run([*args[:-1], "workers=1", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in result["runs"]]
+
+
+def test_skill_weights_set_the_pair_captions_mix_and_the_pairs_are_counted_per_skill(tmp_path, tiny_base):
+    """pairs.skill_weights: only the weighted skills are sampled, in proportion; pair_stats counts each skill's
+    pairs, judge ties and pairs with exactly one correct image."""
+    from smpo_cli.config.schema import ShapesBenchRecipe
+    from smpo_cli.shapes.experiment import make_pairs
+
+    recipe = ShapesBenchRecipe.model_validate({
+        "output_dir": str(tmp_path), "model": tiny_base, "device": "cpu",
+        "pairs": {"count": 12, "images_per_caption": 2, "num_inference_steps": 2, "batch_size": 8,
+                  "reward": "shapes-judge", "skill_weights": {"colors": 3, "counting": 1, "position": 0}},
+        "logging": {"progress": False}})  # fmt: skip
+    stats = make_pairs(recipe, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert {r["skill"] for r in rows} <= {"colors", "counting"}
+    skills = stats["skills"]
+    assert sum(d["pairs"] for d in skills.values()) == 12 and skills["colors"]["pairs"] > skills.get("counting", {"pairs": 0})["pairs"]
+    for skill, d in skills.items():
+        mine = [r for r in rows if r["skill"] == skill]
+        assert d["one_correct"] == pytest.approx(np.mean([r["correct_0"] != r["correct_1"] for r in mine]))
+        assert d["judge_ties"] == pytest.approx(np.mean([r["judge_score_0"] == r["judge_score_1"] for r in mine]))
+        assert d["one_correct"] + d["both_wrong"] <= 1.0
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    ("{colour: 1}", "pairs.skill_weights"),
+    ("{colors: 0, counting: 0}", "at least one skill"),
+    ("{colors: -1}", "pairs.skill_weights"),
+])  # fmt: skip
+def test_bad_skill_weights_are_one_line_recipe_errors(tmp_path, capsys, weights, message):
+    assert run(["shapes", "run", "-o", str(tmp_path / "exp"), f"pairs.skill_weights={weights}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
