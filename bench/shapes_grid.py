@@ -40,7 +40,7 @@ from shapes_controls import generate, judged, write_captions  # noqa: E402
 from smpo_cli.shapes.evaluation import balanced_eval, balanced_score, eval_groups_of, paired_change  # noqa: E402
 
 GRID = {  # arm: (lr, beta) points; the centres are bench/shapes_alignment.py's settings (the paper's SD1.5 betas)
-    "smpo_inv": [(5e-5, 2000.0), (2.5e-5, 2000.0), (1e-4, 2000.0), (5e-5, 1000.0), (5e-5, 4000.0)],
+    "smpo_inv": [(5e-5, 2000.0), (2.5e-5, 2000.0), (1e-4, 2000.0), (5e-5, 1000.0), (5e-5, 4000.0), (5e-5, 500.0)],
     "dpo": [(5e-5, 5000.0), (2.5e-5, 5000.0), (1e-4, 5000.0), (5e-5, 2500.0), (5e-5, 10000.0)],
     "sft_votes": [(5e-5, None), (2.5e-5, None), (1e-4, None)],
 }
