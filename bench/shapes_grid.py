@@ -108,6 +108,9 @@ def main() -> None:
     ap.add_argument("--pairs-guidance", type=float, default=2.0)
     ap.add_argument("--arms", default=",".join(GRID), help=f"comma-separated subset of {','.join(GRID)}")
     ap.add_argument("--workers", type=int, default=2, help="runs at a time (one thread each)")
+    ap.add_argument("--pool-run", type=Path, default=None,
+                    help="a finished `smpo shapes run` folder with the same evaluation (its arms smpo and dpo, a second "
+                         "draw of the pairs): its seeds are pooled with the test seeds of smpo_inv and dpo")  # fmt: skip
     args = ap.parse_args()
     from smpo_cli.benchmark.metrics import paired_bootstrap_task_mean
     from smpo_cli.shapes.world import sample_captions, split_captions
@@ -239,9 +242,41 @@ def main() -> None:
     for a, b in COMPARISONS:
         if a in mean and b in mean:
             result["comparisons"][f"{a} - {b}"] = paired_change(per_seed[a], per_seed[b], test_skills, test_groups)
+    if args.pool_run:
+        result["pooled"] = pooled_with_run(args.pool_run, test_file, tests, test_base, per_seed,
+                                           lambda f: correct(f, tests), test_skills, test_groups)  # fmt: skip
     result["seconds"] = round(time.perf_counter() - started, 1)
     (out / "results-grid.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result) if args.json else format_result(result))
+
+
+RUN_ARMS = {"smpo_inv": "smpo", "dpo": "dpo"}  # this script's arm: its name in smpo shapes run
+
+
+def pooled_with_run(run: Path, test_file: Path, tests: list, test_base: np.ndarray, per_seed: dict[str, list],
+                    correct_of, skills: np.ndarray, groups: np.ndarray) -> dict:  # fmt: skip
+    """The chosen settings' test seeds plus a `smpo shapes run` folder's seeds of the same arms: two independent
+    draws of the pairs, on the same evaluation images (checked: captions and the base's verdicts)."""
+    from smpo_cli.shapes.experiment import mean_ci
+
+    evals = run / "eval"
+    if (evals / "captions.txt").read_text() != test_file.read_text():
+        raise SystemExit(f"--pool-run {run}: its evaluation captions differ from {test_file}")
+    if not np.array_equal(correct_of(evals / "base"), test_base):
+        raise SystemExit(f"--pool-run {run}: its base images are judged differently (another base or seed)")
+    pooled, seeds = {}, {}
+    for arm, theirs in RUN_ARMS.items():
+        folders = sorted(evals.glob(f"{theirs}-s*"), key=lambda f: int(f.name.rsplit("-s", 1)[1]))
+        if arm in per_seed and folders:
+            pooled[arm] = per_seed[arm] + [correct_of(f) for f in folders]
+            seeds[arm] = [f"grid-s{s}" for s in TEST_SEEDS] + [f"run-{f.name}" for f in folders]
+    out = {"run": str(run), "seeds": seeds, "arms": {a: paired_change(v, test_base, skills, groups) for a, v in pooled.items()},
+           "comparisons": {}}  # fmt: skip
+    if len(pooled) == 2 and len(pooled["smpo_inv"]) == len(pooled["dpo"]):
+        d = paired_change(pooled["smpo_inv"], pooled["dpo"], skills, groups)
+        d["t_interval_over_runs"] = mean_ci(d["per_seed"])  # training seeds and pair draws as the noise
+        out["comparisons"]["smpo_inv - dpo"] = d
+    return out
 
 
 def format_result(r: dict) -> str:
@@ -262,6 +297,14 @@ def format_result(r: dict) -> str:
                      + ", ".join(f"{100 * x:+.1f}" for x in a["per_seed_change"]))  # fmt: skip
     for pair, d in r["comparisons"].items():
         lines.append(f"{pair:22} {ci(d)}  per seed " + ", ".join(f"{100 * x:+.1f}" for x in d["per_seed"]))
+    if "pooled" in r:
+        lines.append(f"pooled with {r['pooled']['run']} (a second draw of the pairs, same evaluation):")
+        for name, d in [*r["pooled"]["arms"].items(), *r["pooled"]["comparisons"].items()]:
+            label = name if " - " in name else f"{name} - base"
+            lines.append(f"{label:22} {ci(d)}  per run " + ", ".join(f"{100 * x:+.1f}" for x in d["per_seed"]))
+            if "t_interval_over_runs" in d:
+                t = d["t_interval_over_runs"]
+                lines.append(f"{'':22} t-interval over the {t['n']} runs: {100 * t['mean']:+.1f} +- {100 * t['ci95']:.1f}")
     return "\n".join(lines)
 
 

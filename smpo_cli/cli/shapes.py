@@ -13,7 +13,7 @@ app = typer.Typer(
     no_args_is_help=True,
     epilog="Examples:\n\n  smpo shapes pretrain --recipe shapes_base_cpu      # the base model, ~25 min on 2 CPU cores\n\n"
     "  smpo shapes reward --recipe shapes_pickscore_cpu  # the world's PickScore, trained on votes\n\n"
-    "  smpo shapes run --recipe shapes_experiment_cpu     # SmPO vs DPO and ablations, 3 seeds",
+    "  smpo shapes run                                   # SmPO vs DPO, 3 seeds, ~36 min on 2 CPU cores",
 )
 
 
@@ -80,8 +80,8 @@ def reward(
 
 
 EPILOG_RUN = (
-    "Examples:\n\n  smpo shapes run --recipe shapes_alignment_cpu   (SmPO vs DPO with the learned reward, paired intervals)\n\n"
-    "  smpo shapes run --recipe shapes_experiment_cpu -o runs/shapes/experiment\n\n"
+    "Examples:\n\n  smpo shapes run   (recipe shapes_alignment_cpu: SmPO vs DPO with the learned reward, paired intervals)\n\n"
+    "  smpo shapes run --recipe shapes_experiment_cpu -o runs/shapes/experiment   (the ablations on shapes-sd15)\n\n"
     "  smpo bench shapes --recipe shapes_experiment_cpu train.seeds=[0] pairs.count=256   (a quick look)\n\n"
     "  smpo shapes run --recipe shapes_experiment_cpu pairs.reward_noise_std=0.1   (an imperfect reward model)"
 )
@@ -95,7 +95,7 @@ def run_experiment(
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """SmPO vs Diffusion-DPO and ablations on the same pairs and budget, several seeds, with error bars.
+    """SmPO vs Diffusion-DPO (and ablations) on the same pairs and budget, several seeds, with error bars.
 
     Samples pairs from the base model (best vs worst by pairs.reward), adds simulated annotators' votes, trains
     every arm with smpo train (workers at a time), evaluates with the exact judge, and writes
@@ -104,7 +104,7 @@ def run_experiment(
     from smpo_cli.shapes.experiment import resume_ok, run_shapes_bench
 
     sugar = {"output_dir": str(output_dir) if output_dir else None}
-    result = run_stage("shapes_bench", recipe=recipe or "shapes_experiment_cpu", overrides=overrides, sugar=sugar,
+    result = run_stage("shapes_bench", recipe=recipe or "shapes_alignment_cpu", overrides=overrides, sugar=sugar,
                        dry_run=dry_run, overwrite=overwrite, resume=resume_ok, core=run_shapes_bench)  # fmt: skip
     if printed_as_json(result, as_json):
         return

@@ -43,7 +43,7 @@ def tiny_base(tmp_path_factory):
 
 def test_experiment_runs_every_arm_and_reports(tmp_path, capsys, tiny_base):
     out = tmp_path / "exp"
-    args = ["-q", "shapes", "run", "-o", str(out), f"model={tiny_base}", "pairs.count=8", "pairs.num_inference_steps=2",
+    args = ["-q", "shapes", "run", "--recipe", "shapes_experiment_cpu", "-o", str(out), f"model={tiny_base}", "pairs.count=8", "pairs.num_inference_steps=2",
             "train.steps=2", "train.batch_size=4", "train.seeds=[0,1]", "train.inversion_steps=3",
             "eval.heldout_captions=3", "eval.train_captions=3", "eval.images_per_caption=2", "--json"]  # fmt: skip
     assert run(args) == 0
@@ -135,7 +135,7 @@ def test_balanced_experiment_reports_seed_paired_intervals(tmp_path, capsys, tin
     folder is relative to the working directory, as a user's -o runs/x is, through every stage."""
     monkeypatch.chdir(tmp_path)
     out = Path("runs") / "exp"
-    args = ["-q", "shapes", "run", "-o", str(out), f"model={tiny_base}", "pairs.count=6", "pairs.images_per_caption=3",
+    args = ["-q", "shapes", "run", "--recipe", "shapes_experiment_cpu", "-o", str(out), f"model={tiny_base}", "pairs.count=6", "pairs.images_per_caption=3",
             "pairs.num_inference_steps=2", "pairs.guidance_scale=2", "eval.guidance_scale=4", "train.steps=2",
             "train.warmup_steps=1", "train.empty_prompt_prob=0.1", "train.batch_size=4", "train.seeds=[0,1]",
             "eval.images_per_skill=3", "eval.max_captions_per_skill=2", "workers=2",
@@ -199,4 +199,5 @@ def test_skill_weights_set_the_pair_captions_mix_and_the_pairs_are_counted_per_s
 def test_bad_skill_weights_are_one_line_recipe_errors(tmp_path, capsys, weights, message):
     assert run(["shapes", "run", "-o", str(tmp_path / "exp"), f"pairs.skill_weights={weights}", "--dry-run"]) == 2
     err = capsys.readouterr().err
+    assert "shapes_alignment_cpu.yaml" in err  # the default recipe: the setup that aligns
     assert message in err and "Traceback" not in err
