@@ -25,6 +25,7 @@ in ``smpo score``; a corrupt image skips its whole row, recorded in ``skipped.js
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -40,7 +41,7 @@ from smpo_cli.errors import DataError
 from smpo_cli.inversion.cache import CACHE_DIR
 from smpo_cli.inversion.storage import storage_per_pair
 from smpo_cli.scoring.decode import RowDecoder, collate
-from smpo_cli.scoring.sources import LAYOUTS, PairSource, open_source
+from smpo_cli.scoring.sources import LAYOUTS, PairSource, data_signature, open_source
 from smpo_cli.utils.atomic import atomic_path, write_json, write_text
 from smpo_cli.utils.logging import get_logger
 from smpo_cli.utils.shards import Shard, ShardStore, count_reasons
@@ -397,7 +398,7 @@ def _images_shard(
 
 
 def _pairs_shard(
-    inverter: _Inverter, recipe, source, shard, cols, prompt_col, store: ShardStore, progress, task
+    inverter: _Inverter, recipe, source, shard, cols, prompt_col, store: ShardStore, progress, task, *, signature: str
 ):
     from safetensors.torch import save_file
 
@@ -442,10 +443,25 @@ def _pairs_shard(
     if kept:
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         meta = {"levels": levels, "resolution": res, "model": recipe.model.model_dump(mode="json"),
+                "data_signature": signature,  # training checks that it reads the same table
                 "inversion": recipe.inversion.model_dump(mode="json"), "family": comps.family,
                 "prediction_type": comps.prediction_type, **inverter.cache_meta()}  # fmt: skip
         with atomic_path(store.payload(shard.index), suffix=".safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"smpo": json.dumps(meta)})
+
+
+def _check_resumed_signature(recipe: InvertRecipe, store: ShardStore, shard: int, signature: str) -> None:
+    """Finished shards of another version of the table would pair old latents with the new rows' labels."""
+    from safetensors import safe_open
+
+    path = store.payload(shard)
+    if not path.is_file():
+        return
+    with safe_open(str(path), "pt") as f:
+        made_from = json.loads((f.metadata() or {}).get("smpo", "{}")).get("data_signature")
+    if made_from is not None and made_from != signature:
+        raise DataError(f"{recipe.output_dir}: its finished shards were inverted from another version of data.path "
+                        f"{recipe.data.path} (the table changed since)", hint="rerun with --overwrite to invert the table as it is now")  # fmt: skip
 
 
 def run_inversion(recipe: InvertRecipe) -> InvertResult:
@@ -473,6 +489,9 @@ def run_inversion(recipe: InvertRecipe) -> InvertResult:
     if state.is_main_process:
         store.write_fingerprint(fingerprint(recipe))
     done = {s.index for s in shards if store.is_done(s.index)}
+    signature = data_signature(recipe.data.path, recipe.data.split) if layout == "pairs" else None
+    if done and signature is not None:
+        _check_resumed_signature(recipe, store, min(done), signature)
     mine = [s for s in store.mine(shards, state.process_index, state.num_processes) if s.index not in done]
     from smpo_cli.utils.distributed import stage_device
 
@@ -488,7 +507,7 @@ def run_inversion(recipe: InvertRecipe) -> InvertResult:
     todo = sum(s.stop - s.start for s in mine)
     logger.info("inverting %d %s in %d shards (%d done) with %s to levels %s on %s",
                 n, layout, len(shards), len(done), recipe.inversion.method, recipe.inversion.levels, comps.device)  # fmt: skip
-    work = _pairs_shard if layout == "pairs" else _images_shard
+    work = functools.partial(_pairs_shard, signature=signature) if layout == "pairs" else _images_shard
     t0 = time.perf_counter()
     rate = TextColumn("{task.fields[rate]}")
     with make_progress(rate) as progress:

@@ -123,6 +123,48 @@ class ParquetSource(PairSource):
         return pa.concat_tables(parts, promote_options="default")
 
 
+SIGNATURE_BYTES = 1 << 20  # hashed from each end of every table file
+
+
+def dataset_files(path_str: str, split: str | None = None) -> list[Path]:
+    """The files ``open_source`` reads the table from (not the images it points to)."""
+    path = Path(path_str).expanduser()
+    if path.is_dir() and any((path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        root = path / split if split and (path / split).is_dir() else path
+        return sorted(p for p in root.rglob("*") if p.suffix in (".arrow", ".json") and p.is_file())
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):
+        return [path]
+    for name in ("metadata.jsonl", "metadata.csv"):
+        if path.is_dir() and (path / name).is_file():
+            return [path / name]
+    files = _parquet_files(path)
+    if split and not path.is_file() and not any(ch in path_str for ch in "*?["):
+        files = [f for f in files if split in f.relative_to(path).parts or f.name.startswith(f"{split}-")] or files
+    return files
+
+
+def data_signature(path_str: str, split: str | None = None) -> str:
+    """A fingerprint of a dataset's table: each table file's name (relative to the dataset), size, and a hash of
+    its first and last MiB (a parquet footer holds every row group's statistics). Cheap on terabyte datasets; a
+    regenerated or edited table changes it, a copied or moved dataset keeps it."""
+    import hashlib
+
+    path = Path(path_str).expanduser()
+    root = (path if path.is_dir() else path.parent).resolve()
+    digest = hashlib.sha256()
+    for f in sorted(dataset_files(path_str, split)):
+        size = f.stat().st_size
+        resolved = f.resolve()
+        name = str(resolved.relative_to(root)) if resolved.is_relative_to(root) else f.name
+        digest.update(f"{name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            digest.update(fh.read(SIGNATURE_BYTES))
+            if size > SIGNATURE_BYTES:
+                fh.seek(max(SIGNATURE_BYTES, size - SIGNATURE_BYTES))
+                digest.update(fh.read())
+    return digest.hexdigest()[:16]
+
+
 def _parquet_files(path: Path) -> list[Path]:
     if any(ch in str(path) for ch in "*?["):
         return sorted(Path(p) for p in glob.glob(str(path), recursive=True))

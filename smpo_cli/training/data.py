@@ -287,4 +287,14 @@ def cache_for(recipe: TrainRecipe):
             f"training asks data.resolution={recipe.data.resolution}",
             hint="use the cache's resolution or rebuild the cache",
         )
+    made_from = (cache.meta or {}).get("data_signature")
+    if made_from is not None:
+        from smpo_cli.scoring.sources import data_signature
+
+        if made_from != data_signature(recipe.data.path, recipe.data.split):
+            raise DataError(
+                f"inversion cache {recipe.inversion.cache_path} was made from another version of data.path "
+                f"{recipe.data.path} (the table changed since smpo invert): its latents would not match the rows' labels",
+                hint="rebuild the cache: smpo invert --overwrite on the table as it is now",
+            )
     return cache

@@ -133,6 +133,39 @@ def test_training_from_the_inversion_cache(scored, tmp_path):
     assert result.steps == 2 and result.unet_calls_per_step == 2 * 2  # no inversion calls: cached
 
 
+def test_a_cache_of_another_version_of_the_table_is_refused(scored, tmp_path, capsys):
+    """The cache holds each row's latents and inversions; training reads the labels from the table. A table
+    regenerated or edited after smpo invert would pair old latents with new labels: training and an invert
+    resume refuse it, while a copy of the same table elsewhere still trains from the cache."""
+    import pyarrow as pa
+
+    data, cache = tmp_path / "scored", tmp_path / "cache"
+    shutil.copytree(scored, data)
+    invert = ["invert", "-o", str(cache), f"data.path={data}", "model.pretrained=tiny-sd15", "data.resolution=32",
+              "data.num_workers=0", "inversion.num_steps=3", "inversion.levels=[499,999]", "data.rows_per_shard=8"]  # fmt: skip
+    assert run(["-q", *invert]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    result = train("tiny_smpo_cpu", copy, tmp_path / "run", "train.max_steps=1", "inversion.source=cache",
+                   f"inversion.cache_path={cache}")  # fmt: skip
+    assert result.steps == 1
+    table_file = next(data.rglob("*.parquet"))
+    table = pq.read_table(table_file)
+    pq.write_table(pa.concat_tables([table.slice(1), table.slice(0, 1)]), table_file)  # the same rows, reordered
+    capsys.readouterr()
+    assert run(["train", "--recipe", "tiny_smpo_cpu", "-o", str(tmp_path / "stale"), f"data.path={data}",
+                "train.max_steps=1", "inversion.source=cache", f"inversion.cache_path={cache}"]) != 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "made from another version of data.path" in err and "smpo invert --overwrite" in err and "Traceback" not in err
+    # an interrupted cache resumed on the changed table: its finished shards are refused too
+    shard = next((cache / "cache").glob("part-*.safetensors"))
+    shard.unlink()
+    assert run(invert) != 0
+    err = capsys.readouterr().err
+    assert "inverted from another version of data.path" in err and "--overwrite" in err
+    assert run(["-q", *invert, "--overwrite"]) == 0
+
+
 def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(scored, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(SmpoError, match="non-finite"):
