@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from smpo_cli.config.schema import ShapesBenchRecipe, ShapesMethodSpec
+from smpo_cli.errors import OutputDirError
 from smpo_cli.utils.atomic import write_json, write_text
 from smpo_cli.utils.logging import get_logger
 
@@ -80,13 +82,44 @@ def _store(recipe: ShapesBenchRecipe):
 
 
 def fingerprint(recipe: ShapesBenchRecipe) -> dict[str, Any]:
-    """Everything the results depend on: a rerun with other settings must not reuse these runs."""
-    return recipe.model_dump(mode="json", exclude={"output_dir", "logging", "workers"})
+    """What every run depends on: a rerun with other settings must not reuse these runs. The arms are not in it:
+    each run folder records its own arm (``arm.json``), so arms can be added to a finished experiment."""
+    return recipe.model_dump(mode="json", exclude={"output_dir", "logging", "workers", "arms"})
 
 
 def resume_ok(recipe: ShapesBenchRecipe) -> bool:
     """True to resume a folder made with the same recipe (OutputDirError when made with another one)."""
-    return _store(recipe).check_fingerprint(fingerprint(recipe), recipe.output_dir)
+    store = _store(recipe)
+    if store.fingerprint_path.exists():  # a folder from before arms left the fingerprint: its runs' arms
+        old = json.loads(store.fingerprint_path.read_text(encoding="utf-8"))
+        if "arms" in old:
+            arms = {a["name"]: a for a in old.pop("arms")}
+            for run_dir in sorted((Path(recipe.output_dir) / "runs").glob("*-s*")):
+                made = arms.get(run_dir.name.rsplit("-s", 1)[0])
+                if made is not None and (run_dir / "run.json").exists() and not (run_dir / ARM_FILE).exists():
+                    write_json(run_dir / ARM_FILE, made)
+            store.write_fingerprint(old)
+    return store.check_fingerprint(fingerprint(recipe), recipe.output_dir)
+
+
+ARM_FILE = "arm.json"  # in each run folder: the arm it was trained as
+
+
+def check_arm_runs(recipe: ShapesBenchRecipe, out: Path) -> None:
+    """Before anything trains: every existing run folder of the recipe's arms was trained as the same arm."""
+    from smpo_cli.utils.shards import _diff_keys
+
+    for arm in recipe.arms:
+        for seed in recipe.train.seeds:
+            made_file = out / "runs" / f"{arm.name}-s{seed}" / ARM_FILE
+            if not made_file.is_file():
+                continue
+            made = json.loads(made_file.read_text(encoding="utf-8"))
+            if made != arm.model_dump(mode="json"):
+                keys = ", ".join(sorted(_diff_keys(made, arm.model_dump(mode="json"))))
+                raise OutputDirError(f"{made_file.parent} was trained as another arm {arm.name!r} ({keys})",
+                                     hint=f"give the changed arm a new name, delete runs/{arm.name}-s* and "
+                                          f"eval/{arm.name}-s* there, or choose another output_dir")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -235,6 +268,10 @@ def train_arm(recipe: ShapesBenchRecipe, arm: ShapesMethodSpec, seed: int, out: 
     done = RunDir(run_dir).finished_result()
     if done is not None:
         return done
+    # not finished: evaluation images of an earlier run of this name would pass for this run's
+    shutil.rmtree(out / "eval" / f"{arm.name}-s{seed}", ignore_errors=True)
+    if run_dir.exists() and not list((run_dir / "checkpoints").glob("step-*")):
+        shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to resume
     t = recipe.train
     data = {"stage": "train", "seed": seed, "device": recipe.device, "output_dir": str(run_dir),
             "model": {"pretrained": recipe.model, "dtype": "float32"},
@@ -246,9 +283,13 @@ def train_arm(recipe: ShapesBenchRecipe, arm: ShapesMethodSpec, seed: int, out: 
             "inversion": {"source": arm.inversion, "cache_path": str(out / "cache") if arm.inversion == "cache" else None},
             "optim": {"name": "adamw", "lr": arm.lr or t.lr, "scale_lr": False, "weight_decay": 0.0,
                       "lr_scheduler": "constant_with_warmup" if t.warmup_steps else "constant", "warmup_steps": t.warmup_steps},
-            "train": {"batch_size": t.batch_size, "max_steps": t.steps},
+            # a killed experiment resumes each run from its newest checkpoint
+            "train": {"batch_size": t.batch_size, "max_steps": t.steps, "resume": "auto",
+                      "checkpoint_every_steps": max(1, t.steps // 8), "keep_checkpoints": 1},
             "logging": {"progress": recipe.logging.progress, "log_every_steps": max(1, t.steps // 30)}}  # fmt: skip
-    result = _execute("train", data, run_training, lambda r: False)
+    result = _execute("train", data, run_training, lambda r: True)
+    write_json(run_dir / ARM_FILE, arm.model_dump(mode="json"))
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the pipeline is saved; checkpoints only resume
     return result.to_dict()
 
 
@@ -375,6 +416,7 @@ def run_shapes_bench(recipe: ShapesBenchRecipe) -> ShapesBenchResult:
     started = time.perf_counter()
     out = Path(recipe.output_dir)
     _store(recipe).write_fingerprint(fingerprint(recipe))
+    check_arm_runs(recipe, out)
     logger.info("shapes bench: sampling and labelling %d pairs", recipe.pairs.count)
     pair_stats = make_pairs(recipe, out)
     if any(a.inversion == "cache" for a in recipe.arms):

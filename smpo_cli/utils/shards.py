@@ -84,6 +84,8 @@ class ShardStore:
         if old == fingerprint:
             return True
         diff = sorted(_diff_keys(old, fingerprint))
+        if not diff:  # only settings added since, at their null defaults (what the folder was made without)
+            return True
         raise OutputDirError(
             f"output_dir {where} holds shards made with other settings ({', '.join(diff)})",
             hint="pass --overwrite to start again, or choose another output_dir",

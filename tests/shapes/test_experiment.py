@@ -166,6 +166,38 @@ def test_balanced_experiment_reports_seed_paired_intervals(tmp_path, capsys, tin
     assert run([*args[:-1], "workers=1", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in result["runs"]]
+    # a folder made before the arms left the fingerprint (arms in it, no arm.json) resumes as well
+    stored = out / ".smpo" / "fingerprint.json"
+    legacy = json.loads(stored.read_text())
+    legacy["arms"] = [{"name": "smpo", "method": "smpo", "labels": "reward", "inversion": "none", "binary_labels": False,
+                       "beta": None, "lr": None},
+                      {"name": "dpo", "method": "dpo", "labels": "human", "inversion": "none", "binary_labels": False,
+                       "beta": 5000.0, "lr": 2.5e-5}]  # fmt: skip
+    stored.write_text(json.dumps(legacy))
+    for made in (out / "runs").glob("*/arm.json"):
+        made.unlink()
+    assert run([*args[:-1], "--json"]) == 0
+    assert [r["seconds"] for r in json.loads(capsys.readouterr().out)["runs"]] == [r["seconds"] for r in result["runs"]]
+    assert len(list((out / "runs").glob("*/arm.json"))) == 4 and "arms" not in json.loads(stored.read_text())
+    # an arm added to the finished experiment trains alone; the other runs are reused
+    arms = args[-2].replace("]", ", {name: sft, method: sft, labels: human}]")
+    assert run([*args[:-2], arms, "--json"]) == 0
+    more = json.loads(capsys.readouterr().out)
+    assert [r["seconds"] for r in more["runs"][:4]] == [r["seconds"] for r in result["runs"]]
+    assert [(r["arm"], r["seed"]) for r in more["runs"][4:]] == [("sft", 0), ("sft", 1)]
+    assert set(more["paired"]["comparisons"]) == {"smpo - dpo", "smpo - sft", "dpo - sft"}
+    assert not list((out / "runs" / "sft-s0").glob("checkpoints/step-*"))  # resume-only checkpoints are gone
+    # ... but an arm whose settings changed under its old name is refused before anything runs
+    assert run([*args[:-2], args[-2].replace("beta: 5000", "beta: 2500"), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained as another arm 'dpo' (beta)" in err and "Traceback" not in err
+    # a run killed before it finished is trained again (its stale evaluation dropped), not refused
+    manifest = out / "runs" / "dpo-s1" / "run.json"
+    manifest.write_text(manifest.read_text().replace('"status": "success"', '"status": "running"'))
+    assert run([*args[:-1], "--json"]) == 0
+    last = json.loads(capsys.readouterr().out)
+    assert last["runs"][3]["seconds"] != result["runs"][3]["seconds"]
+    assert last["runs"][3]["final_loss"] == result["runs"][3]["final_loss"]  # the same run, trained again
 
 
 def test_skill_weights_set_the_pair_captions_mix_and_the_pairs_are_counted_per_skill(tmp_path, tiny_base):

@@ -124,3 +124,17 @@ def test_a_size_the_pipeline_cannot_make_fails_before_any_weight_loads(tmp_path,
     assert run(["generate", "-o", str(tmp_path / "g"), "--model", "no/such-model", "--prompts", "x.txt",
                 "sampling.height=33", "--dry-run"]) == 2  # fmt: skip
     assert "sampling.height=33 must be a multiple of 8 (e.g. 32 or 40)" in capsys.readouterr().err
+
+
+def test_a_folder_made_before_a_setting_existed_resumes_when_the_setting_is_at_its_null_default(tmp_path):
+    """A new recipe field with a null default: the stored fingerprint lacks the key, which means the same."""
+    from smpo_cli.errors import OutputDirError
+    from smpo_cli.utils.shards import ShardStore
+
+    store = ShardStore(tmp_path, "runs", "")
+    store.write_fingerprint({"pairs": {"count": 8}})
+    assert store.check_fingerprint({"pairs": {"count": 8, "skill_weights": None}}, str(tmp_path))
+    with pytest.raises(OutputDirError, match=r"other settings \(pairs.skill_weights\)"):
+        store.check_fingerprint({"pairs": {"count": 8, "skill_weights": {"colors": 1.0}}}, str(tmp_path))
+    with pytest.raises(OutputDirError, match=r"other settings \(pairs.count\)"):
+        store.check_fingerprint({"pairs": {"count": 9}}, str(tmp_path))
