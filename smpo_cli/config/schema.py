@@ -849,15 +849,21 @@ class ShapesPairsSpec(Block):
     guidance_scale: float = Field(4.0, ge=0, description="Classifier-free guidance when sampling the pairs.")
     reward_noise_std: float = Field(0.0, ge=0, description="Gaussian noise on the judge's score used as the smoothing reward.")
     batch_size: PositiveInt = Field(64, description="Images per sampling forward pass.")
-    skill_weights: dict[ShapesSkill, Annotated[float, Field(ge=0)]] | None = Field(
+    skill_weights: dict[ShapesSkill, Annotated[float, Field(ge=0)]] | Literal["headroom"] | None = Field(
         None,
-        description="Relative share of each skill among the pair captions (a skill left out gets none); null: the "
-        "world's uniform mix. results.md lists, per skill, the pairs with one correct image (where the pairs teach).",
+        description="Relative share of each skill among the pair captions (a skill left out gets none) | headroom: "
+        "each skill in proportion to its share of pilot pairs with exactly one correct image (where best vs worst "
+        "can teach; pairs.pilot_captions_per_skill) | null: the world's uniform mix. results.md lists, per skill, "
+        "the pairs with one correct image.",
+    )
+    pilot_captions_per_skill: PositiveInt = Field(
+        32, description="skill_weights=headroom: pilot captions per skill, sampled and judged like the pairs."
     )
 
     @model_validator(mode="after")
     def _some_skill(self) -> ShapesPairsSpec:
-        if self.skill_weights is not None and not any(w > 0 for w in self.skill_weights.values()):
+        weights = self.skill_weights
+        if isinstance(weights, dict) and not any(w > 0 for w in weights.values()):
             raise ValueError("pairs.skill_weights: give at least one skill a weight above 0 (or null for the uniform mix)")
         return self
 

@@ -57,6 +57,7 @@ class ShapesBenchResult:
     seconds: float = 0.0
     paired: dict[str, Any] = field(default_factory=dict)  # the balanced evaluation's paired changes
     pair_skills: dict[str, dict[str, float]] = field(default_factory=dict)  # pair_skill_stats of the pairs
+    pair_mix: dict[str, Any] = field(default_factory=dict)  # the captions' skill weights and the headroom pilot
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,33 +152,21 @@ def read_images(folder: Path, n_prompts: int, per_prompt: int) -> np.ndarray:
                      for i in range(n_prompts) for k in range(per_prompt)])  # fmt: skip
 
 
-def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
-    """Sample, score and label the pairs through ``smpo pairs``; write ``pairs.jsonl`` (what every arm trains on).
-
-    ``smpo pairs`` samples ``images_per_caption`` images per caption from the base model, scores them with
-    ``pairs.reward`` (the learned shapes-pickscore by default, as PickScore scores real data) and keeps each
-    caption's best and worst; the annotator population then votes on each pair, as Pick-a-Pic's users voted on
-    theirs, and the judge scores both images (the evaluator; its labels are the ``judge`` ablation).
-    """
+def _sample_pairs(recipe: ShapesBenchRecipe, captions: list, folder: Path):
+    """``smpo pairs`` on ``captions`` into ``folder/sampled`` (best and worst of ``pairs.images_per_caption`` by
+    ``pairs.reward``); returns its table, each pair's two image files and the judge's verdicts on both."""
     import pyarrow.parquet as pq
     from PIL import Image
 
     from smpo_cli.pairs.runner import resume_ok, run_pairs
-    from smpo_cli.shapes.annotators import DEFAULT_POPULATION
     from smpo_cli.shapes.judge import judge_batch
-    from smpo_cli.shapes.world import sample_captions, split_captions
 
-    rng = np.random.default_rng([recipe.seed, 1])
-    train_captions, _ = split_captions(recipe.split_seed)
-    captions = sample_captions(rng, recipe.pairs.count, pool=train_captions, skill_weights=recipe.pairs.skill_weights)
-    folder = out / "pairs"
     folder.mkdir(parents=True, exist_ok=True)
     prompts = folder / "captions.txt"
     write_text(prompts, "".join(c.text + "\n" for c in captions))
     p = recipe.pairs
-    learned = p.reward == "shapes-pickscore"
-    reward = ({"name": "pickscore", "path": "shapes-pickscore", "output": "cosine", "label": "reward"} if learned
-              else {"name": "shapes-judge", "label": "reward"})  # fmt: skip
+    reward = ({"name": "pickscore", "path": "shapes-pickscore", "output": "cosine", "label": "reward"}
+              if p.reward == "shapes-pickscore" else {"name": "shapes-judge", "label": "reward"})  # fmt: skip
     data = {"stage": "pairs", "seed": recipe.seed, "device": recipe.device, "output_dir": str(folder / "sampled"),
             "model": {"pretrained": recipe.model, "dtype": "float32"}, "prompts": {"path": str(prompts)},
             "sampling": {"images_per_prompt": p.images_per_caption, "num_inference_steps": p.num_inference_steps,
@@ -187,10 +176,65 @@ def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
     _execute("pairs", data, run_pairs, resume_ok)
     table = pq.read_table(folder / "sampled" / "pairs.parquet").to_pylist()
     if len(table) != len(captions):
-        raise RuntimeError(f"smpo pairs made {len(table)} pairs for {len(captions)} captions")
+        raise RuntimeError(f"smpo pairs made {len(table)} pairs for {len(captions)} captions in {folder}")
     files = [[folder / "sampled" / r["image_0"], folder / "sampled" / r["image_1"]] for r in table]
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for pair in files for f in pair])
     verdicts = judge_batch(images, [c for c in captions for _ in range(2)])
+    return table, files, verdicts
+
+
+def headroom_weights(one_correct: dict[str, int], pilots: dict[str, int]) -> dict[str, float]:
+    """Each skill's weight: its share of pilot pairs with exactly one correct image, Laplace-smoothed
+    ((k + 1) / (n + 2)) so that a skill with none in a small pilot keeps a few pairs."""
+    return {skill: (one_correct[skill] + 1) / (pilots[skill] + 2) for skill in pilots}
+
+
+def pilot_skill_weights(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
+    """``pairs.skill_weights=headroom``: sample ``pairs.pilot_captions_per_skill`` training captions of every skill
+    (its own random stream), pick best vs worst as the pairs will be, judge both images, and weight each skill by
+    ``headroom_weights``. Written to ``pairs/pilot/weights.json``."""
+    from smpo_cli.shapes.world import SKILLS, sample_captions, split_captions
+
+    folder = out / "pairs" / "pilot"
+    done = folder / "weights.json"
+    if done.is_file():
+        return json.loads(done.read_text(encoding="utf-8"))
+    rng = np.random.default_rng([recipe.seed, 2])
+    train_captions, _ = split_captions(recipe.split_seed)
+    skills = [s for s in SKILLS if any(c.skill == s for c in train_captions)]
+    n = recipe.pairs.pilot_captions_per_skill
+    captions = [c for s in skills for c in sample_captions(rng, n, skill=s, pool=train_captions)]
+    _, _, verdicts = _sample_pairs(recipe, captions, folder)
+    one = [verdicts[2 * i].correct != verdicts[2 * i + 1].correct for i in range(len(captions))]
+    counts = {s: int(sum(o for o, c in zip(one, captions, strict=True) if c.skill == s)) for s in skills}
+    pilot = {"captions_per_skill": n, "one_correct": counts,
+             "weights": headroom_weights(counts, {s: n for s in skills})}  # fmt: skip
+    write_json(done, pilot)
+    return pilot
+
+
+def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
+    """Sample, score and label the pairs through ``smpo pairs``; write ``pairs.jsonl`` (what every arm trains on).
+
+    ``smpo pairs`` samples ``images_per_caption`` images per caption from the base model, scores them with
+    ``pairs.reward`` (the learned shapes-pickscore by default, as PickScore scores real data) and keeps each
+    caption's best and worst; the annotator population then votes on each pair, as Pick-a-Pic's users voted on
+    theirs, and the judge scores both images (the evaluator; its labels are the ``judge`` ablation). With
+    ``pairs.skill_weights=headroom`` a pilot sets the caption mix first (``pilot_skill_weights``).
+    """
+    from smpo_cli.shapes.annotators import DEFAULT_POPULATION
+    from smpo_cli.shapes.world import sample_captions, split_captions
+
+    weights, pilot = recipe.pairs.skill_weights, None
+    if weights == "headroom":
+        pilot = pilot_skill_weights(recipe, out)
+        weights = pilot["weights"]
+    rng = np.random.default_rng([recipe.seed, 1])
+    train_captions, _ = split_captions(recipe.split_seed)
+    captions = sample_captions(rng, recipe.pairs.count, pool=train_captions, skill_weights=weights)
+    p = recipe.pairs
+    learned = p.reward == "shapes-pickscore"
+    table, files, verdicts = _sample_pairs(recipe, captions, out / "pairs")
     va, vb = verdicts[0::2], verdicts[1::2]
     labels = DEFAULT_POPULATION.label_pairs(rng, va, vb, recipe.pairs.reward_noise_std)
     rows = []
@@ -212,7 +256,7 @@ def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
             "reward_p": float(table[i]["reward_p"]) if learned else judge_p,
             "correct_0": bool(va[i].correct), "correct_1": bool(vb[i].correct), "smpo_row": i,
         })  # fmt: skip
-    write_text(folder / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(out / "pairs" / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     true_winner = np.array([0 if r["true_p0"] >= 0.5 else 1 for r in rows])
     decided = np.array([r["judge_score_0"] != r["judge_score_1"] for r in rows])
     agree = lambda key, keep: float(np.mean([r[key] == t for r, t, k in zip(rows, true_winner, keep, strict=True) if k]))  # noqa: E731
@@ -228,6 +272,8 @@ def make_pairs(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
         },
         "base_pair_accuracy": float(np.mean([v.correct for v in verdicts])),
         "skills": pair_skill_stats(rows),
+        "skill_weights": weights,  # the caption mix (null: uniform), resolved from the pilot for headroom
+        "pilot": pilot,
     }
 
 
@@ -453,7 +499,7 @@ def run_shapes_bench(recipe: ShapesBenchRecipe) -> ShapesBenchResult:
         paired = paired_changes(recipe, seen, np.array([v.correct for v in base_verdicts], dtype=float), correct)
     result = ShapesBenchResult(str(out), pair_stats["pairs"], pair_stats["reward_ties"], pair_stats["label_agreement"],
                                base_row, arms, runs, round(time.perf_counter() - started, 1), paired,
-                               pair_stats["skills"])  # fmt: skip
+                               pair_stats["skills"], {"weights": pair_stats["skill_weights"], "pilot": pair_stats["pilot"]})  # fmt: skip
     write_json(out / "results.json", {**result.to_dict(), "pair_stats": pair_stats,
                                       "recipe": recipe.model_dump(mode="json")})  # fmt: skip
     write_text(out / "results.md", write_markdown(result, recipe))

@@ -74,6 +74,7 @@ def write_markdown(result, recipe) -> str:
                   "| skill | pairs | one correct | both wrong | judge ties |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
         lines += [f"| {s} | {d['pairs']} | {_pct(d['one_correct'])} | {_pct(d['both_wrong'])} | {_pct(d['judge_ties'])} |"
                   for s, d in sorted(result.pair_skills.items(), key=lambda kv: _skill_rank(kv[0]))]  # fmt: skip
+        lines += ["", _caption_mix(result.pair_mix)]
     lines += ["", "Per-skill accuracy (percent of images judged correct):", "",
               "| arm | " + " | ".join(skills) + " |", "| --- " * (len(skills) + 1) + "|",
               "| base | " + " | ".join(f"{100 * base['skills'][s]:.1f}" for s in skills) + " |"]  # fmt: skip
@@ -191,3 +192,15 @@ def write_grid(out: Path, recipe, dest: Path, scale: int = 3) -> None:
                 img.paste(tile, (label_w + j * cell, head + i * cell))
     with atomic_path(dest, suffix=".png") as tmp:
         img.save(tmp, format="PNG")
+
+
+def _caption_mix(mix: dict) -> str:
+    """One line: how the pair captions' skills were mixed."""
+    weights, pilot = mix.get("weights"), mix.get("pilot")
+    if not weights:
+        return "Caption mix: the world's uniform mix of skills."
+    shares = ", ".join(f"{s} {w:.2f}" for s, w in sorted(weights.items(), key=lambda kv: _skill_rank(kv[0])))
+    if pilot is None:
+        return f"Caption mix: `pairs.skill_weights` {shares}."
+    return (f"Caption mix: weighted toward headroom by a pilot of {pilot['captions_per_skill']} captions per skill "
+            f"(weight: the Laplace-smoothed share of best-vs-worst pairs with one correct image): {shares}.")

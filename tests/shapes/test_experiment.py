@@ -223,10 +223,44 @@ def test_skill_weights_set_the_pair_captions_mix_and_the_pairs_are_counted_per_s
         assert d["one_correct"] + d["both_wrong"] <= 1.0
 
 
+def test_headroom_weights_are_the_laplace_smoothed_one_correct_share():
+    from smpo_cli.shapes.experiment import headroom_weights
+
+    weights = headroom_weights({"colors": 30, "position": 0, "counting": 8}, {"colors": 32, "position": 32, "counting": 32})
+    assert weights == {"colors": 31 / 34, "position": 1 / 34, "counting": 9 / 34}  # no skill drops to 0
+
+
+def test_headroom_pilot_sets_the_caption_mix_and_is_reported(tmp_path, tiny_base):
+    """pairs.skill_weights=headroom: a pilot of every skill's captions is sampled and judged like the pairs, its
+    one-correct counts give the weights, the pairs follow them, and a rerun reuses the pilot."""
+    from smpo_cli.config.schema import ShapesBenchRecipe
+    from smpo_cli.shapes.experiment import headroom_weights, make_pairs
+    from smpo_cli.shapes.report import _caption_mix
+
+    recipe = ShapesBenchRecipe.model_validate({
+        "output_dir": str(tmp_path), "model": tiny_base, "device": "cpu",
+        "pairs": {"count": 12, "images_per_caption": 2, "num_inference_steps": 2, "batch_size": 8,
+                  "reward": "shapes-judge", "skill_weights": "headroom", "pilot_captions_per_skill": 3},
+        "logging": {"progress": False}})  # fmt: skip
+    stats = make_pairs(recipe, tmp_path)
+    pilot = stats["pilot"]
+    pilot_pairs = (tmp_path / "pairs" / "pilot" / "captions.txt").read_text().splitlines()
+    assert len(pilot_pairs) == 3 * len(pilot["one_correct"]) == 18  # every skill of the training pool, 3 captions
+    assert all(0 <= k <= 3 for k in pilot["one_correct"].values())
+    assert stats["skill_weights"] == pilot["weights"] == headroom_weights(pilot["one_correct"], dict.fromkeys(pilot["one_correct"], 3))
+    assert sum(d["pairs"] for d in stats["skills"].values()) == 12
+    assert "weighted toward headroom by a pilot of 3 captions per skill" in _caption_mix(
+        {"weights": stats["skill_weights"], "pilot": pilot})
+    (tmp_path / "pairs" / "pilot" / "sampled").rename(tmp_path / "moved")  # the rerun must not sample the pilot again
+    assert make_pairs(recipe, tmp_path)["skill_weights"] == stats["skill_weights"]
+    assert _caption_mix({"weights": None, "pilot": None}) == "Caption mix: the world's uniform mix of skills."
+
+
 @pytest.mark.parametrize(("weights", "message"), [
     ("{colour: 1}", "pairs.skill_weights"),
     ("{colors: 0, counting: 0}", "at least one skill"),
     ("{colors: -1}", "pairs.skill_weights"),
+    ("headrooom", "pairs.skill_weights"),
 ])  # fmt: skip
 def test_bad_skill_weights_are_one_line_recipe_errors(tmp_path, capsys, weights, message):
     assert run(["shapes", "run", "-o", str(tmp_path / "exp"), f"pairs.skill_weights={weights}", "--dry-run"]) == 2
