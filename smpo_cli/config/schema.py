@@ -837,7 +837,7 @@ class ShapesPairsSpec(Block):
 
     count: PositiveInt = Field(1024, description="Pairs (one per training caption).")
     images_per_caption: int = Field(
-        2, ge=2, description="Samples per caption (smpo pairs); the pair is the reward's best and worst of them."
+        4, ge=2, description="Samples per caption (smpo pairs); the pair is the reward's best and worst of them."
     )  # fmt: skip
     reward: Literal["shapes-pickscore", "shapes-judge"] = Field(
         "shapes-pickscore",

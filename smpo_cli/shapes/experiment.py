@@ -85,7 +85,10 @@ def _store(recipe: ShapesBenchRecipe):
 def fingerprint(recipe: ShapesBenchRecipe) -> dict[str, Any]:
     """What every run depends on: a rerun with other settings must not reuse these runs. The arms are not in it:
     each run folder records its own arm (``arm.json``), so arms can be added to a finished experiment."""
-    return recipe.model_dump(mode="json", exclude={"output_dir", "logging", "workers", "arms"})
+    data = recipe.model_dump(mode="json", exclude={"output_dir", "logging", "workers", "arms"})
+    if recipe.pairs.skill_weights != "headroom":  # the pilot's size matters only to a pilot (and older folders lack it)
+        data["pairs"].pop("pilot_captions_per_skill")
+    return data
 
 
 def resume_ok(recipe: ShapesBenchRecipe) -> bool:

@@ -230,6 +230,19 @@ def test_headroom_weights_are_the_laplace_smoothed_one_correct_share():
     assert weights == {"colors": 31 / 34, "position": 1 / 34, "counting": 9 / 34}  # no skill drops to 0
 
 
+def test_the_pilot_size_is_in_the_fingerprint_only_when_a_pilot_runs():
+    """A folder made before pilots existed (or with the uniform mix) resumes; a headroom folder with another pilot
+    size does not."""
+    from smpo_cli.config.schema import ShapesBenchRecipe
+    from smpo_cli.shapes.experiment import fingerprint
+
+    uniform = ShapesBenchRecipe.model_validate({"output_dir": "x", "pairs": {"pilot_captions_per_skill": 8}})
+    assert "pilot_captions_per_skill" not in fingerprint(uniform)["pairs"]
+    assert fingerprint(uniform) == fingerprint(ShapesBenchRecipe.model_validate({"output_dir": "x"}))
+    headroom = ShapesBenchRecipe.model_validate({"output_dir": "x", "pairs": {"skill_weights": "headroom"}})
+    assert fingerprint(headroom)["pairs"]["pilot_captions_per_skill"] == 32
+
+
 def test_headroom_pilot_sets_the_caption_mix_and_is_reported(tmp_path, tiny_base):
     """pairs.skill_weights=headroom: a pilot of every skill's captions is sampled and judged like the pairs, its
     one-correct counts give the weights, the pairs follow them, and a rerun reuses the pilot."""
