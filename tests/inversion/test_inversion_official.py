@@ -12,6 +12,10 @@ import json
 import pytest
 import torch
 
+# float32 rounding of two operation orders over 5-10 UNet steps: 1.1e-4 was seen on an AMD EPYC host (a wrong
+# timestep or abar moves latents by 1e-2 and more)
+ROUNDING = 3e-4
+
 from smpo_cli.errors import UsageError
 from smpo_cli.inversion import CLEAN, NoiseSchedule, renoise_invert
 from smpo_cli.inversion.official import (
@@ -106,7 +110,7 @@ def test_official_mode_is_the_official_loop_under_diffusers_020(model, configure
     abar32 = ref_sched.alphas_cumprod
     for i, t in enumerate(TS):  # tau: abar at t (the official target), not at the level reached
         ref = reference_loop(components.unet, xb[i : i + 1], cb.index(i), t, ref_sched, n, after_022=False)
-        torch.testing.assert_close(out.latents[i : i + 1], ref, rtol=0, atol=1e-4)
+        torch.testing.assert_close(out.latents[i : i + 1], ref, rtol=0, atol=ROUNDING)
         ours_tau = tau_at(out.latents[i : i + 1].double(), xb[i : i + 1].double(), t, schedule.alphas_cumprod)
         # tau relative: at t = 0 it divides by sqrt(1 - abar_0) = 0.029, which scales the reference's float32
         # rounding of x up to ~1e-3 absolute where |tau| ~ 80 (1.4e-5 relative)
@@ -129,7 +133,7 @@ def test_official_0_22_is_the_loop_under_the_installed_diffusers(model):
     ref_sched = DDIMInverseScheduler.from_config(cfg)
     for i, t in enumerate(TS):
         ref = reference_loop(components.unet, xb[i : i + 1], cb.index(i), t, ref_sched, n, after_022=True)
-        torch.testing.assert_close(out.latents[i : i + 1], ref, rtol=0, atol=1e-4)
+        torch.testing.assert_close(out.latents[i : i + 1], ref, rtol=0, atol=ROUNDING)
 
 
 class ConstantNoise(torch.nn.Module):

@@ -74,7 +74,8 @@ def test_fsdp_shards_trains_like_ddp_and_resumes_after_sigkill(scored, tmp_path)
     a, b = unet_state(tmp_path / "fsdp" / "pipeline"), unet_state(tmp_path / "ddp" / "pipeline")
     assert distance(a, b) < 0.01 * distance(b, base), (distance(a, b), distance(b, base))
     losses = [[json.loads(x)["loss"] for x in (tmp_path / m / "metrics.jsonl").read_text().splitlines()] for m in ("ddp", "fsdp")]
-    assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+    # rounding, amplified by Adam as above: 1.7e-4 was seen on an AMD EPYC host; the loss moves by ~8e-2 a step here
+    assert losses[1] == pytest.approx(losses[0], abs=1e-3)
     # a sharded run killed after its step-2 checkpoint and resumed ends where the uninterrupted one ends
     out = tmp_path / "killed"
     kill_after_step_2(launch(out, scored, "train.sharding=fsdp"), out)

@@ -291,7 +291,8 @@ def test_a_two_process_run_killed_and_resumed_on_one_process_continues_the_same_
     loss = {json.loads(x)["step"]: json.loads(x)["loss"] for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()}
     again = {json.loads(x)["step"]: json.loads(x)["loss"] for x in (killed_dir / "metrics.jsonl").read_text().splitlines()}
     # the logged numbers are means over both processes' pairs, so the 1-process steps log the same
-    assert again.keys() == loss.keys() and all(again[s] == pytest.approx(loss[s], abs=1e-4) for s in loss)
+    # within the rounding Adam amplifies (above); a lost or repeated step moves the loss by ~1e-2
+    assert again.keys() == loss.keys() and all(again[s] == pytest.approx(loss[s], abs=1e-3) for s in loss)
 
 
 def test_an_impossible_batch_split_is_refused_before_loading(scored, tmp_path, capsys):
