@@ -12,10 +12,6 @@ import json
 import pytest
 import torch
 
-# float32 rounding of two operation orders over 5-10 UNet steps: 1.1e-4 was seen on an AMD EPYC host (a wrong
-# timestep or abar moves latents by 1e-2 and more)
-ROUNDING = 3e-4
-
 from smpo_cli.errors import UsageError
 from smpo_cli.inversion import CLEAN, NoiseSchedule, renoise_invert
 from smpo_cli.inversion.official import (
@@ -27,6 +23,10 @@ from smpo_cli.inversion.official import (
 from smpo_cli.models.conditioning import encode_prompts
 from tests.inversion._diffusers020 import DDIMInverseScheduler020
 from tests.inversion.conftest import vae_latents
+
+# float32 rounding of two operation orders over 5-10 UNet steps: 1.1e-4 was seen on an AMD EPYC host (a wrong
+# timestep or abar moves latents by 1e-2 and more)
+ROUNDING = 3e-4
 
 # the scheduler configs the paper's models ship (stable-diffusion-v1-5 and sdxl-base-1.0), the keys that matter
 SD15_FILE = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
