@@ -13,7 +13,7 @@ app = typer.Typer(
     no_args_is_help=True,
     epilog="Examples:\n\n  smpo shapes pretrain --recipe shapes_base_cpu      # the base model, ~25 min on 2 CPU cores\n\n"
     "  smpo shapes reward --recipe shapes_pickscore_cpu  # the world's PickScore, trained on votes\n\n"
-    "  smpo shapes run                                   # SmPO vs DPO, 3 seeds, ~36 min on 2 CPU cores",
+    "  smpo shapes run                                   # SmPO vs DPO, 3 seeds, ~37 min on 2 CPU cores",
 )
 
 
