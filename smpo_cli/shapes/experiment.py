@@ -27,6 +27,7 @@ import json
 import math
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,8 +209,8 @@ def pilot_skill_weights(recipe: ShapesBenchRecipe, out: Path) -> dict[str, Any]:
     n = recipe.pairs.pilot_captions_per_skill
     captions = [c for s in skills for c in sample_captions(rng, n, skill=s, pool=train_captions)]
     _, _, verdicts = _sample_pairs(recipe, captions, folder)
-    one = [verdicts[2 * i].correct != verdicts[2 * i + 1].correct for i in range(len(captions))]
-    counts = {s: int(sum(o for o, c in zip(one, captions, strict=True) if c.skill == s)) for s in skills}
+    teaching = Counter(c.skill for c, a, b in zip(captions, verdicts[0::2], verdicts[1::2], strict=True) if a.correct != b.correct)
+    counts = {s: teaching[s] for s in skills}
     pilot = {"captions_per_skill": n, "one_correct": counts,
              "weights": headroom_weights(counts, {s: n for s in skills})}  # fmt: skip
     write_json(done, pilot)

@@ -266,6 +266,7 @@ def test_headroom_pilot_sets_the_caption_mix_and_is_reported(tmp_path, tiny_base
         {"weights": stats["skill_weights"], "pilot": pilot})
     (tmp_path / "pairs" / "pilot" / "sampled").rename(tmp_path / "moved")  # the rerun must not sample the pilot again
     assert make_pairs(recipe, tmp_path)["skill_weights"] == stats["skill_weights"]
+    assert not (tmp_path / "pairs" / "pilot" / "sampled").exists()  # resampling would give the same weights
     assert _caption_mix({"weights": None, "pilot": None}) == "Caption mix: the world's uniform mix of skills."
 
 
